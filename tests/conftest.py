@@ -1,0 +1,78 @@
+"""Tiny random models and PEFT adapters made on the spot: no hub, no downloads."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_adapter(
+    base: torch.nn.Module,
+    path: Path,
+    *,
+    r: int = 4,
+    alpha: int = 8,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 1,
+    **kwargs,
+) -> Path:
+    """A PEFT LoRA adapter with random (nonzero) A and B, saved with save_pretrained."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False, lora_dropout=0.0, **kwargs
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # make the update large enough to move the logits visibly
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(seed))
+    peft_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama() -> Callable[[], LlamaForCausalLM]:
+    """A factory of identical fresh tiny Llamas (each test wraps its own copy)."""
+    return lambda: tiny_llama(seed=0)
+
+
+@pytest.fixture
+def two_adapters(tmp_path: Path) -> tuple[Path, Path]:
+    base = tiny_llama(seed=0)
+    a = make_adapter(base, tmp_path / "math", r=4, alpha=8, seed=1)
+    b = make_adapter(base, tmp_path / "json", r=2, alpha=4, seed=2)
+    return a, b
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(3))

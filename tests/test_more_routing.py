@@ -1,0 +1,157 @@
+"""Top-K routing, quotas, training isolation, router persistence, statistics."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from smartfed import LoraPool, MoreConfig, attach_more
+from smartfed.more import top_k_gates
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 24),
+    data=st.data(),
+    gate=st.sampled_from(["scaled_softmax", "softmax", "sigmoid"]),
+    seed=st.integers(0, 2**16),
+)
+def test_top_k_gates_keep_exactly_k(m, data, gate, seed):
+    k = data.draw(st.integers(1, m))
+    logits = torch.randn(5, 3, m, generator=torch.Generator().manual_seed(seed))
+    gates = top_k_gates(logits, k, gate)
+    assert gates.shape == logits.shape
+    assert ((gates != 0).sum(-1) == k).all()
+    kept = gates != 0
+    # the kept experts are the k largest logits
+    threshold = logits.topk(k, dim=-1).values[..., -1:]
+    assert (logits[kept] >= threshold.expand_as(logits)[kept]).all()
+    if gate == "scaled_softmax":
+        assert_close(gates.sum(-1), torch.full((5, 3), float(k)))
+    elif gate == "softmax":
+        assert_close(gates.sum(-1), torch.ones(5, 3))
+
+
+def _capture_gates(more_model, input_ids):
+    captured = {}
+    hooks = []
+    for name, layer in more_model.more_layers().items():
+        def hook(module, args, _out, name=name):
+            captured[name] = module.route(args[0])[1]
+        hooks.append(layer.register_forward_hook(hook))
+    with torch.no_grad():
+        more_model(input_ids)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
+def test_k_below_m_keeps_exactly_k_and_quotas_are_honoured(llama, two_adapters, input_ids):
+    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=3, router_init="normal"),
+                             generator=torch.Generator().manual_seed(0))
+    gates = _capture_gates(more_model, input_ids)
+    assert all(((g != 0).sum(-1) == 3).all() for g in gates.values())
+
+    names = list(more_model.more_layers())
+    quotas = {names[0]: 1, names[1]: 6, names[2]: 5}
+    more_model.set_quotas(quotas)
+    gates = _capture_gates(more_model, input_ids)
+    for name in names:
+        expected = quotas.get(name, 3)
+        assert ((gates[name] != 0).sum(-1) == expected).all(), name
+    assert more_model.quotas() == {n: quotas.get(n, 3) for n in names}
+
+
+def test_only_routers_train_and_everything_else_stays_bit_identical(llama, two_adapters, input_ids):
+    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=4))
+    params = more_model.trainable_parameters()
+    assert {id(p) for p in params} == {id(p) for p in more_model.parameters() if p.requires_grad}
+    assert all(".router." in n for n, p in more_model.named_parameters() if p.requires_grad)
+
+    frozen = {n: t.detach().clone() for n, t in more_model.named_parameters() if not t.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in more_model.named_buffers() if "stat_" not in n}
+    routers_before = more_model.router_state_dict()
+
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    loss = more_model(input_ids, labels=input_ids).loss
+    loss.backward()
+    assert all(p.grad is None for n, p in more_model.named_parameters() if not p.requires_grad)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    optimizer.step()
+
+    for n, t in more_model.named_parameters():
+        if n in frozen:
+            assert torch.equal(t, frozen[n]), n
+    for n, b in more_model.named_buffers():
+        if n in buffers:
+            assert torch.equal(b, buffers[n]), n
+    after = more_model.router_state_dict()
+    assert any(not torch.equal(after[k], routers_before[k]) for k in after)
+
+
+def test_router_loss_falls(llama, two_adapters, input_ids):
+    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=3))
+    optimizer = torch.optim.AdamW(more_model.trainable_parameters(), lr=5e-2)
+    losses = []
+    for _ in range(15):
+        loss = more_model(input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_router_save_load_round_trip(llama, two_adapters, input_ids, tmp_path):
+    pool = LoraPool.load(two_adapters)
+    config = MoreConfig(top_k=3, router_init="normal")
+    trained = attach_more(llama(), pool, config, generator=torch.Generator().manual_seed(5))
+    path = trained.save_router(tmp_path / "ckpt" / "router.safetensors")
+    assert not list(path.parent.glob("*.tmp"))
+    fresh = attach_more(llama(), pool, config, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert not torch.equal(fresh(input_ids).logits, trained(input_ids).logits)
+        fresh.load_router(path)
+        assert_close(fresh(input_ids).logits, trained(input_ids).logits, rtol=0, atol=0)
+
+
+def test_router_sizes(llama, two_adapters):
+    pool = LoraPool.load(two_adapters)  # M = 4 + 2 = 6 experts per matrix, d_in = 32
+    linear = attach_more(llama(), pool, MoreConfig(top_k=2, router="linear", router_bias=False))
+    rank = attach_more(llama(), pool, MoreConfig(top_k=2, router="rank", router_bias=False))
+    assert all(v.shape == (6, 32) for v in linear.router_state_dict().values())
+    assert all(v.shape == (6, 6) for v in rank.router_state_dict().values())
+
+
+def test_expert_stats(llama, two_adapters, input_ids):
+    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=2, router_init="normal"),
+                             generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        more_model(input_ids)  # not tracked
+        assert all(s["tokens"] == 0 for s in more_model.expert_stats().values())
+        with more_model.tracking_expert_stats():
+            more_model(input_ids)
+    gates = _capture_gates(more_model, input_ids)
+    for name, stats in more_model.expert_stats().items():
+        assert stats["tokens"] == input_ids.numel()
+        assert stats["gate_mass"].shape == stats["contribution"].shape == (6,)
+        assert_close(stats["gate_mass"], gates[name].reshape(-1, 6).mean(0))
+        assert (stats["contribution"] >= 0).all()
+        never_kept = (gates[name].reshape(-1, 6) == 0).all(0)
+        assert (stats["contribution"][never_kept] == 0).all()
+        assert (stats["contribution"][~never_kept] > 0).all()
+    more_model.reset_expert_stats()
+    assert all(s["tokens"] == 0 for s in more_model.expert_stats().values())
+
+
+def test_pool_records_origin(two_adapters):
+    pool = LoraPool.load(two_adapters)
+    name = "model.layers.0.self_attn.q_proj"
+    assert pool.expert_origin(name) == [("math", 0), ("math", 1), ("math", 2), ("math", 3), ("json", 0), ("json", 1)]
+    module = pool.modules[name]
+    assert module.A.shape == (6, 32) and module.B.shape == (32, 6)
+    assert_close(module.scale, torch.tensor([2.0] * 4 + [2.0] * 2))
+    assert [a.rank for a in pool.adapters] == [4, 2]
+    assert len(pool.adapters[0].sha256) == 64
