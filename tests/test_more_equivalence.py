@@ -82,7 +82,9 @@ def test_untargeted_matrices_are_untouched(llama, two_adapters):
     k_proj = more_model.base_model.model.layers[0].self_attn.k_proj
     assert type(k_proj) is torch.nn.Linear
     assert torch.equal(k_proj.weight, reference.model.layers[0].self_attn.k_proj.weight)
-    assert set(more_model.more_layers()) == {f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")}
+    assert set(more_model.more_layers()) == {
+        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")
+    }
 
 
 def test_gpt2_conv1d_one_hot_equals_peft(tmp_path, input_ids):
@@ -99,8 +101,12 @@ def test_gpt2_conv1d_one_hot_equals_peft(tmp_path, input_ids):
 
 
 def test_generate_works(llama, two_adapters, input_ids):
-    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=3, router_init="normal"),
-                             generator=torch.Generator().manual_seed(0))
+    more_model = attach_more(
+        llama(),
+        LoraPool.load(two_adapters),
+        MoreConfig(top_k=3, router_init="normal"),
+        generator=torch.Generator().manual_seed(0),
+    )
     out = more_model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 7 + 4)
     assert torch.equal(out[:, :7], input_ids)

@@ -85,7 +85,9 @@ def test_adapter_for_another_base_is_a_shape_mismatch(llama, tmp_path):
 def test_adapters_disagreeing_with_each_other(tmp_path):
     small = make_adapter(tiny_llama(), tmp_path / "small")
     wide = make_adapter(tiny_llama(hidden=48), tmp_path / "wide")
-    with pytest.raises(ValueError, match=r"'small' and 'wide' disagree on module 'model\.layers\.0\.self_attn\.q_proj'"):
+    with pytest.raises(
+        ValueError, match=r"'small' and 'wide' disagree on module 'model\.layers\.0\.self_attn\.q_proj'"
+    ):
         LoraPool.load([small, wide])
 
 
@@ -121,8 +123,15 @@ def test_set_quotas_validates(llama, two_adapters):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("router", "mlp"), ("gate", "relu"), ("router_init", "ones"), ("router_dtype", "int8"), ("router_init_std", -1.0),
-     ("top_k", 2.5), ("target_modules", "q_proj[")],
+    [
+        ("router", "mlp"),
+        ("gate", "relu"),
+        ("router_init", "ones"),
+        ("router_dtype", "int8"),
+        ("router_init_std", -1.0),
+        ("top_k", 2.5),
+        ("target_modules", "q_proj["),
+    ],
 )
 def test_config_errors_quote_the_bad_value(field, value):
     with pytest.raises(ValueError, match=re.escape(f"MoreConfig.{field}={value!r}")):

@@ -38,8 +38,10 @@ def _capture_gates(more_model, input_ids):
     captured = {}
     hooks = []
     for name, layer in more_model.more_layers().items():
+
         def hook(module, args, _out, name=name):
             captured[name] = module.route(args[0])[1]
+
         hooks.append(layer.register_forward_hook(hook))
     with torch.no_grad():
         more_model(input_ids)
@@ -49,8 +51,12 @@ def _capture_gates(more_model, input_ids):
 
 
 def test_k_below_m_keeps_exactly_k_and_quotas_are_honoured(llama, two_adapters, input_ids):
-    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=3, router_init="normal"),
-                             generator=torch.Generator().manual_seed(0))
+    more_model = attach_more(
+        llama(),
+        LoraPool.load(two_adapters),
+        MoreConfig(top_k=3, router_init="normal"),
+        generator=torch.Generator().manual_seed(0),
+    )
     gates = _capture_gates(more_model, input_ids)
     assert all(((g != 0).sum(-1) == 3).all() for g in gates.values())
 
@@ -126,8 +132,12 @@ def test_router_sizes(llama, two_adapters):
 
 
 def test_expert_stats(llama, two_adapters, input_ids):
-    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=2, router_init="normal"),
-                             generator=torch.Generator().manual_seed(0))
+    more_model = attach_more(
+        llama(),
+        LoraPool.load(two_adapters),
+        MoreConfig(top_k=2, router_init="normal"),
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         more_model(input_ids)  # not tracked
         assert all(s["tokens"] == 0 for s in more_model.expert_stats().values())

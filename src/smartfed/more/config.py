@@ -111,7 +111,9 @@ class MoreConfig:
             try:
                 re.compile(self.target_modules)
             except re.error as err:
-                raise ValueError(f"MoreConfig.target_modules={self.target_modules!r} is not a valid regex: {err}") from err
+                raise ValueError(
+                    f"MoreConfig.target_modules={self.target_modules!r} is not a valid regex: {err}"
+                ) from err
         elif self.target_modules is not None:
             if not all(isinstance(m, str) and m for m in self.target_modules):
                 raise ValueError(f"MoreConfig.target_modules={self.target_modules!r} must be non-empty strings")

@@ -31,7 +31,9 @@ ROUTER_EXPERTS_KEY = "smartfed.num_experts"
 
 def _check_top_k(module: str, k: object, num_experts: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-        raise ValueError(f"top_k={k!r} for module {module!r}: must be an int in [1, {num_experts}] (its number of experts)")
+        raise ValueError(
+            f"top_k={k!r} for module {module!r}: must be an int in [1, {num_experts}] (its number of experts)"
+        )
     return k
 
 
@@ -57,14 +59,18 @@ class MoreModel(nn.Module):
             if self.more_config.selects(name):
                 self._wrap(name, experts, generator)
         if not self._layer_names:
-            raise ValueError(f"MoreConfig.target_modules={self.more_config.target_modules!r} selects none of the pool's matrices {pool.module_names}")
+            raise ValueError(
+                f"MoreConfig.target_modules={self.more_config.target_modules!r} selects none of the pool's matrices {pool.module_names}"
+            )
 
     def _wrap(self, name: str, experts, generator: torch.Generator | None) -> None:
         owners = [a.name for a in self.pool.adapters if name in a.target_modules]
         try:
             base_layer = self.base_model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"LoRA adapter(s) {owners} target module {name!r}, which this model does not have") from None
+            raise ValueError(
+                f"LoRA adapter(s) {owners} target module {name!r}, which this model does not have"
+            ) from None
         try:
             d_in, d_out = base_layer_features(base_layer)
         except TypeError as err:
@@ -127,15 +133,23 @@ class MoreModel(nn.Module):
 
     def load_router_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "router state") -> None:
         """Copy router tensors in; every key must be known, present and of the right shape."""
-        expected = {f"{name}.router.{key}": value for name, layer in self.more_layers().items() for key, value in layer.router.state_dict().items()}
+        expected = {
+            f"{name}.router.{key}": value
+            for name, layer in self.more_layers().items()
+            for key, value in layer.router.state_dict().items()
+        }
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{source}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            raise ValueError(
+                f"{source}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
         for key, target in expected.items():
             value = state[key]
             if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+                raise ValueError(
+                    f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
+                )
             if not torch.isfinite(value).all():
                 raise ValueError(f"{source}: {key!r} holds non-finite values")
         with torch.no_grad():

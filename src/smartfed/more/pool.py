@@ -126,18 +126,26 @@ def _read_config(name: str, path: Path) -> dict:
     if str(peft_type).upper() != "LORA":
         raise ValueError(f"LoRA adapter {name!r}: peft_type={peft_type!r} in {config_file}; MoRE takes LoRA adapters")
     if config.get("use_dora"):
-        raise ValueError(f"LoRA adapter {name!r}: use_dora=true in {config_file}; DoRA is not a sum of rank-one experts")
+        raise ValueError(
+            f"LoRA adapter {name!r}: use_dora=true in {config_file}; DoRA is not a sum of rank-one experts"
+        )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"LoRA adapter {name!r}: field {key!r}={value!r} in {config_file} must be a positive number")
+            raise ValueError(
+                f"LoRA adapter {name!r}: field {key!r}={value!r} in {config_file} must be a positive number"
+            )
     return config
 
 
 def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
-        hint = " (only a pickled adapter_model.bin is there: convert it to safetensors)" if (path / PICKLE_WEIGHTS_NAME).exists() else ""
+        hint = (
+            " (only a pickled adapter_model.bin is there: convert it to safetensors)"
+            if (path / PICKLE_WEIGHTS_NAME).exists()
+            else ""
+        )
         raise FileNotFoundError(f"LoRA adapter {name!r}: missing {weights_file}{hint}")
     try:
         return load_file(weights_file)
@@ -159,7 +167,9 @@ def _split_pairs(name: str, weights: dict[str, torch.Tensor]) -> dict[str, tuple
     pairs = {}
     for module, ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA adapter {name!r}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
+            raise ValueError(
+                f"LoRA adapter {name!r}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B"
+            )
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
@@ -203,7 +213,7 @@ class LoraPool:
 
         adapters: list[AdapterInfo] = []
         per_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
-        for index, (name, source) in enumerate(zip(names, sources)):
+        for index, (name, source) in enumerate(zip(names, sources, strict=True)):
             info, pairs = _load_adapter(name, source)
             adapters.append(info)
             for module, (a, b, scale) in pairs.items():
@@ -223,7 +233,10 @@ class LoraPool:
     def expert_origin(self, module: str) -> list[tuple[str, int]]:
         """(adapter name, rank index) of every expert of ``module``, in stacking order."""
         pm = self.modules[module]
-        return [(self.adapters[a].name, int(r)) for a, r in zip(pm.adapter_index.tolist(), pm.rank_index.tolist())]
+        return [
+            (self.adapters[a].name, int(r))
+            for a, r in zip(pm.adapter_index.tolist(), pm.rank_index.tolist(), strict=True)
+        ]
 
     def adapter_experts(self, module: str, adapter: str) -> torch.Tensor:
         """Indices of ``adapter``'s experts among the experts of ``module``."""
@@ -250,7 +263,9 @@ def _default_names(sources: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def _load_adapter(name: str, source: str | Path) -> tuple[AdapterInfo, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+def _load_adapter(
+    name: str, source: str | Path
+) -> tuple[AdapterInfo, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
     path = _resolve_source(source)
     config = _read_config(name, path)
     pairs = _split_pairs(name, _read_weights(name, path))
@@ -262,7 +277,9 @@ def _load_adapter(name: str, source: str | Path) -> tuple[AdapterInfo, dict[str,
         r = a.shape[0]
         expected_r = _pattern_value(rank_pattern, module, config["r"])
         if r != expected_r:
-            raise ValueError(f"LoRA adapter {name!r}: module {module!r} has rank {r} in its weights but {expected_r} in its config")
+            raise ValueError(
+                f"LoRA adapter {name!r}: module {module!r} has rank {r} in its weights but {expected_r} in its config"
+            )
         alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
         scaled[module] = (a, b, alpha / math.sqrt(r) if use_rslora else alpha / r)
     info = AdapterInfo(
@@ -298,7 +315,11 @@ def _stack(
         name=module,
         A=torch.cat([a.to(dtype) for _, a, _, _ in entries], dim=0),  # (M, d_in)
         B=torch.cat([b.to(dtype) for _, _, b, _ in entries], dim=1),  # (d_out, M)
-        scale=torch.cat([torch.full((r,), s, dtype=dtype) for r, (_, _, _, s) in zip(ranks, entries)]),  # (M,)
-        adapter_index=torch.cat([torch.full((r,), i, dtype=torch.long) for r, (i, _, _, _) in zip(ranks, entries)]),
+        scale=torch.cat(
+            [torch.full((r,), s, dtype=dtype) for r, (_, _, _, s) in zip(ranks, entries, strict=True)]
+        ),  # (M,)
+        adapter_index=torch.cat(
+            [torch.full((r,), i, dtype=torch.long) for r, (i, _, _, _) in zip(ranks, entries, strict=True)]
+        ),
         rank_index=torch.cat([torch.arange(r) for r in ranks]),
     )
