@@ -1,0 +1,430 @@
+"""Instruction tasks: a registry of synthetic ones and Alpaca-style JSONL files.
+
+Every task comes out of ``load_task`` the same way: a ``Task`` (how to score it)
+and two in-memory ``datasets.Dataset`` (train, test) with the columns
+``prompt`` (str), ``answer`` (str) and ``label`` (int, what a Dirichlet
+partition skews on; 0 when the task has no label). Train and test never share a
+prompt. Nothing is downloaded (../shared/DESIGN.md §5).
+
+Built-in tasks, deterministic from the seed, short prompts (≤ 24 characters) so
+that tiny models learn something in a few steps:
+
+* ``arith``: ``"12+7="`` → ``"19"``; operands 0..24, subtraction never goes
+  negative; label = the operation (0 ``+``, 1 ``-``, 2 ``*``); metric ``numeric``.
+* ``json_arith``: ``"JSON: 12+7="`` → ``'{"answer": 19}'``; the same questions,
+  a form skill on top of a content skill (DESIGN.md §6); metric ``exact_match``.
+* ``copy``: ``"Upper: abcde"`` → ``"ABCDE"`` (random lowercase words of 3–8
+  letters); label = length bucket (0: 3–4, 1: 5–6, 2: 7–8); metric ``exact_match``.
+
+New tasks register a builder ``(num_examples, seed) -> datasets.Dataset`` with
+``@register_task(name, ...)``; the builder returns raw fields, and the ``Task``
+says how they become a prompt, an answer and a label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from datasets import Dataset, Features, Value
+
+MetricName = Literal["exact_match", "numeric", "rouge_l"]
+Builder = Callable[[int, int], Dataset]
+
+COLUMNS: tuple[str, ...] = ("prompt", "answer", "label")
+"""The columns of every dataset ``load_task`` returns."""
+
+FEATURES = Features({"prompt": Value("string"), "answer": Value("string"), "label": Value("int64")})
+
+ROUGE_MIN_WORDS = 3.0
+"""A JSONL task is scored with ROUGE-L when its answers average more words than this."""
+
+JSONL_MAX_TEST_FRACTION = 0.2
+"""A JSONL file gives at most this fraction of its records (at least one) to the test split."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """How the raw records of a task become prompts, answers and labels, and how answers are scored.
+
+    Attributes:
+        name: registry name (or the JSONL path it was loaded from).
+        prompt_template: ``str.format`` template filled with the record's fields.
+        answer_field: the record field holding the reference answer (cast to str).
+        metric: ``"exact_match"``, ``"numeric"`` or ``"rouge_l"`` (see ``smartfed.eval.metrics``).
+        label_field: the record field (ints) used for Dirichlet partitioning; None
+            when the task has no label (every record gets label 0).
+        description: one line for ``list_tasks`` and logs.
+    """
+
+    name: str
+    prompt_template: str
+    answer_field: str
+    metric: MetricName
+    label_field: str | None
+    description: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Task.name={self.name!r} must be a non-empty string")
+        if self.metric not in get_args(MetricName):
+            raise ValueError(f"Task {self.name!r}: metric={self.metric!r} is not one of {list(get_args(MetricName))}")
+        if not isinstance(self.prompt_template, str) or not self.prompt_template:
+            raise ValueError(f"Task {self.name!r}: prompt_template={self.prompt_template!r} must be a non-empty string")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
+        except ValueError as err:
+            raise ValueError(
+                f"Task {self.name!r}: prompt_template={self.prompt_template!r} is not a format string: {err}"
+            ) from err
+        if any(not f for f in fields):
+            raise ValueError(
+                f"Task {self.name!r}: prompt_template={self.prompt_template!r} has an unnamed field '{{}}'"
+            )
+        if not isinstance(self.answer_field, str) or not self.answer_field:
+            raise ValueError(f"Task {self.name!r}: answer_field={self.answer_field!r} must be a non-empty string")
+        if self.label_field is not None and (not isinstance(self.label_field, str) or not self.label_field):
+            raise ValueError(f"Task {self.name!r}: label_field={self.label_field!r} must be a non-empty string or None")
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise ValueError(f"Task {self.name!r}: description={self.description!r} must be a non-empty string")
+
+    def make_prompt(self, record: dict[str, Any]) -> str:
+        """Fill ``prompt_template`` with a record's fields."""
+        try:
+            return self.prompt_template.format(**record)
+        except (KeyError, IndexError) as err:
+            raise ValueError(
+                f"Task {self.name!r}: prompt_template={self.prompt_template!r} needs field {err} "
+                f"missing from the record (fields: {sorted(record)})"
+            ) from err
+
+    def make_example(self, record: dict[str, Any]) -> dict[str, Any]:
+        """One raw record → ``{"prompt": str, "answer": str, "label": int}``."""
+        if self.answer_field not in record:
+            raise ValueError(
+                f"Task {self.name!r}: answer_field={self.answer_field!r} is not a field of the record "
+                f"(fields: {sorted(record)})"
+            )
+        label = 0
+        if self.label_field is not None:
+            if self.label_field not in record:
+                raise ValueError(
+                    f"Task {self.name!r}: label_field={self.label_field!r} is not a field of the record "
+                    f"(fields: {sorted(record)})"
+                )
+            label = record[self.label_field]
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise ValueError(f"Task {self.name!r}: label_field={self.label_field!r} must hold ints, got {label!r}")
+        return {"prompt": self.make_prompt(record), "answer": str(record[self.answer_field]), "label": int(label)}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its ``Task`` and the builder of its raw records."""
+
+    task: Task
+    builder: Builder
+
+    def build(self, num_examples: int, seed: int) -> Dataset:
+        """Call the builder and check it returned a ``datasets.Dataset``."""
+        dataset = self.builder(num_examples, seed)
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"builder of task {self.task.name!r} returned {type(dataset).__name__}, not a datasets.Dataset"
+            )
+        return dataset
+
+
+TASKS: dict[str, TaskSpec] = {}
+"""The task registry, filled by ``@register_task``."""
+
+
+def register_task(
+    name: str,
+    *,
+    metric: MetricName = "exact_match",
+    prompt_template: str = "{prompt}",
+    answer_field: str = "answer",
+    label_field: str | None = None,
+    description: str | None = None,
+) -> Callable[[Builder], Builder]:
+    """Decorator registering a builder ``(num_examples, seed) -> datasets.Dataset`` under ``name``.
+
+    The builder must be deterministic in ``seed`` and may repeat prompts
+    (``load_task`` deduplicates). ``description`` defaults to the first line of
+    the builder's docstring. The remaining arguments are the ``Task`` fields.
+    """
+
+    def decorate(builder: Builder) -> Builder:
+        if not isinstance(name, str) or not name or name.endswith((".jsonl", ".json")) or "/" in name:
+            raise ValueError(
+                f"register_task({name!r}): a task name must be a non-empty string and not look like a path"
+            )
+        if name in TASKS:
+            raise ValueError(f"register_task({name!r}): a task of that name is already registered")
+        text = description
+        if text is None:
+            text = (builder.__doc__ or "").strip().splitlines()[0] if (builder.__doc__ or "").strip() else ""
+        task = Task(
+            name=name,
+            prompt_template=prompt_template,
+            answer_field=answer_field,
+            metric=metric,
+            label_field=label_field,
+            description=text,
+        )
+        TASKS[name] = TaskSpec(task=task, builder=builder)
+        return builder
+
+    return decorate
+
+
+def list_tasks() -> dict[str, str]:
+    """Registered task names → one-line descriptions."""
+    return {name: spec.task.description for name, spec in sorted(TASKS.items())}
+
+
+# --------------------------------------------------------------------------- built-in tasks
+
+ARITH_OPS: tuple[str, ...] = ("+", "-", "*")
+"""The operations of ``arith``; the label is the index into this tuple."""
+
+ARITH_MAX_OPERAND = 24
+
+
+def _arith_records(num_examples: int, seed: int) -> dict[str, list[Any]]:
+    rng = random.Random(seed)
+    columns: dict[str, list[Any]] = {"a": [], "b": [], "op": [], "op_index": [], "result": []}
+    for _ in range(num_examples):
+        op_index = rng.randrange(len(ARITH_OPS))
+        a, b = rng.randint(0, ARITH_MAX_OPERAND), rng.randint(0, ARITH_MAX_OPERAND)
+        if ARITH_OPS[op_index] == "-" and a < b:
+            a, b = b, a
+        result = a + b if op_index == 0 else a - b if op_index == 1 else a * b
+        for key, value in zip(columns, (a, b, ARITH_OPS[op_index], op_index, result), strict=True):
+            columns[key].append(value)
+    return columns
+
+
+@register_task(
+    "arith",
+    metric="numeric",
+    prompt_template="{a}{op}{b}=",
+    answer_field="answer",
+    label_field="op_index",
+)
+def build_arith(num_examples: int, seed: int) -> Dataset:
+    """Small-integer arithmetic, '12+7=' -> '19' (label: the operation + - *)."""
+    columns = _arith_records(num_examples, seed)
+    columns["answer"] = [str(r) for r in columns["result"]]
+    return Dataset.from_dict(columns)
+
+
+@register_task(
+    "json_arith",
+    metric="exact_match",
+    prompt_template="JSON: {a}{op}{b}=",
+    answer_field="answer",
+    label_field="op_index",
+)
+def build_json_arith(num_examples: int, seed: int) -> Dataset:
+    """Arithmetic answered as JSON, 'JSON: 12+7=' -> '{"answer": 19}' (label: the operation)."""
+    columns = _arith_records(num_examples, seed)
+    columns["answer"] = [json.dumps({"answer": r}) for r in columns["result"]]
+    return Dataset.from_dict(columns)
+
+
+COPY_MIN_LEN, COPY_MAX_LEN = 3, 8
+
+
+@register_task(
+    "copy",
+    metric="exact_match",
+    prompt_template="Upper: {word}",
+    answer_field="answer",
+    label_field="length_bucket",
+)
+def build_copy(num_examples: int, seed: int) -> Dataset:
+    """Copy a random word in upper case, 'Upper: abcde' -> 'ABCDE' (label: length bucket 3-4/5-6/7-8)."""
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choices(string.ascii_lowercase, k=rng.randint(COPY_MIN_LEN, COPY_MAX_LEN)))
+        for _ in range(num_examples)
+    ]
+    return Dataset.from_dict(
+        {
+            "word": words,
+            "answer": [w.upper() for w in words],
+            "length_bucket": [(len(w) - COPY_MIN_LEN) // 2 for w in words],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"load_task: {name}={value!r} must be an int >= {minimum}")
+    return value
+
+
+def _dedup(examples: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the first example of every prompt."""
+    seen: set[str] = set()
+    unique = []
+    for example in examples:
+        if example["prompt"] not in seen:
+            seen.add(example["prompt"])
+            unique.append(example)
+    return unique
+
+
+def _to_dataset(examples: list[dict[str, Any]]) -> Dataset:
+    return Dataset.from_dict({c: [e[c] for e in examples] for c in COLUMNS}, features=FEATURES)
+
+
+def _load_registered(spec: TaskSpec, seed: int, num_train: int, num_test: int) -> tuple[Dataset, Dataset]:
+    needed = num_train + num_test
+    draws = needed + needed // 2 + 16
+    found, used = -1, 0
+    for _ in range(4):
+        used = draws
+        examples = _dedup(spec.task.make_example(r) for r in spec.build(used, seed).to_list())
+        if len(examples) >= needed or len(examples) == found:  # enough, or no new prompt in twice the draws
+            break
+        found, draws = len(examples), draws * 2
+    if len(examples) < needed:
+        raise ValueError(
+            f"task {spec.task.name!r} gave only {len(examples)} distinct prompts in {used} draws; "
+            f"num_train + num_test = {num_train} + {num_test} = {needed} is too many"
+        )
+    examples = examples[:needed]
+    random.Random(seed).shuffle(examples)
+    return _to_dataset(examples[num_test:]), _to_dataset(examples[:num_test])
+
+
+def _is_path_like(task: str) -> bool:
+    return task.endswith((".jsonl", ".json")) or "/" in task or os.sep in task or Path(task).exists()
+
+
+def read_alpaca_jsonl(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Read Alpaca-style records (``instruction``, optional ``input``, ``output``) from a JSONL file.
+
+    Blank lines are skipped. Errors name the file and the 1-based line:
+    ``FileNotFoundError`` when the file is missing, ``ValueError`` for bytes that
+    are not UTF-8, a line that is not JSON, a line that is not a JSON object, a
+    record without a string ``instruction``/``output`` (or with an empty
+    instruction, or a non-string ``input``), and a file without any record.
+
+    Returns:
+        ``[{"prompt": ..., "answer": ...}]`` with prompt = instruction, plus
+        ``"\\n\\n" + input`` when the input is non-empty, and answer = output.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"JSONL task file {str(file)!r} does not exist")
+    if not file.is_file():
+        raise ValueError(f"JSONL task file {str(file)!r} is not a regular file")
+    records = []
+    for lineno, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+        where = f"{file}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from err
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{where}: expected a JSON object with 'instruction' and 'output', got {type(record).__name__}"
+            )
+        for key in ("instruction", "output"):
+            if key not in record:
+                raise ValueError(f"{where}: record has no {key!r} field (fields: {sorted(record)})")
+            if not isinstance(record[key], str):
+                raise ValueError(f"{where}: field {key!r} must be a string, got {record[key]!r}")
+        if not record["instruction"].strip():
+            raise ValueError(f"{where}: field 'instruction' is empty")
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise ValueError(f"{where}: field 'input' must be a string, got {extra!r}")
+        prompt = record["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+        records.append({"prompt": prompt, "answer": record["output"]})
+    if not records:
+        raise ValueError(f"JSONL task file {str(file)!r} holds no records (it is empty or only blank lines)")
+    return records
+
+
+def _load_jsonl(path: str, seed: int, num_train: int, num_test: int) -> tuple[Task, Dataset, Dataset]:
+    examples = [{**r, "label": 0} for r in _dedup(read_alpaca_jsonl(path))]
+    if len(examples) < 2:
+        raise ValueError(f"JSONL task file {path!r} has {len(examples)} distinct prompt(s); train and test need >= 2")
+    mean_words = sum(len(e["answer"].split()) for e in examples) / len(examples)
+    metric: MetricName = "rouge_l" if mean_words > ROUGE_MIN_WORDS else "exact_match"
+    task = Task(
+        name=path,
+        prompt_template="{prompt}",
+        answer_field="answer",
+        metric=metric,
+        label_field=None,
+        description=f"Alpaca-style JSONL {Path(path).name} ({len(examples)} records, {metric})",
+    )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_test = min(num_test, max(1, int(len(examples) * JSONL_MAX_TEST_FRACTION)))
+    test = [examples[i] for i in order[:n_test]]
+    train = [examples[i] for i in order[n_test : n_test + num_train]]
+    return task, _to_dataset(train), _to_dataset(test)
+
+
+def load_task(
+    task: str | os.PathLike[str], *, seed: int, num_train: int = 512, num_test: int = 64
+) -> tuple[Task, Dataset, Dataset]:
+    """Load a task as ``(task, train, test)``; both datasets have the columns ``prompt``, ``answer``, ``label``.
+
+    ``task`` is a registered name (``list_tasks()``) or the path of an
+    Alpaca-style JSONL file (``read_alpaca_jsonl``). Prompts are deduplicated
+    (first occurrence kept) before the split, so no test prompt is in train.
+
+    Registered tasks: the builder draws examples from ``seed`` until there are
+    ``num_train + num_test`` distinct prompts; the split is a shuffle by ``seed``.
+
+    JSONL files: the test split takes ``num_test`` records but at most 20% of the
+    file (at least one), chosen by a shuffle with ``seed``; train takes up to
+    ``num_train`` of the rest. Label is 0. The metric is ``"rouge_l"`` when the
+    answers average more than 3 words (free text), else ``"exact_match"``.
+
+    Raises:
+        ValueError: unknown task name (the message lists the registered ones),
+            bad counts, a bad JSONL file (file and line named).
+        FileNotFoundError: a JSONL path that does not exist.
+    """
+    seed = int(seed)
+    num_train = _check_count("num_train", num_train, 1)
+    num_test = _check_count("num_test", num_test, 0)
+    name = os.fspath(task)
+    if not isinstance(name, str):
+        raise ValueError(f"load_task: task={task!r} must be a task name or a path")
+    if name in TASKS:
+        spec = TASKS[name]
+        train, test = _load_registered(spec, seed, num_train, num_test)
+        return spec.task, train, test
+    if _is_path_like(name):
+        return _load_jsonl(name, seed, num_train, num_test)
+    raise ValueError(
+        f"load_task: unknown task {name!r}; registered tasks: {sorted(TASKS)} "
+        "(or give the path of an Alpaca-style .jsonl file)"
+    )
