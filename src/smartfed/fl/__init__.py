@@ -1,0 +1,1 @@
+"""SmartFed on Flower: ClientApp, ServerApp, strategy, run folders (DESIGN.md §3)."""

@@ -1,0 +1,83 @@
+"""SmartFed's Flower ClientApp: train the method's state on this node's partition.
+
+Run by Flower's simulation engine (one virtual node per partition) or by a
+SuperNode started with ``--node-config "partition-id=N num-partitions=M"``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..data import batches
+from ..methods import LocalTrainConfig
+from . import keys
+from .run_config import RunConfig
+from .runtime import derive_seed, get_runtime, tensor_bytes
+
+
+def partition_id(context: Context) -> int:
+    if keys.PARTITION_ID not in context.node_config:
+        raise ValueError(f"node config has no {keys.PARTITION_ID!r}; start the SuperNode with --node-config")
+    return int(context.node_config[keys.PARTITION_ID])
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Tell the server which data partition this node holds."""
+    metrics = MetricRecord({keys.PARTITION_ID: partition_id(context)})
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
+    """One local round: load the server state, train on local batches, send state + extras."""
+    torch.set_num_threads(config.client_threads)
+    pid = partition_id(context)
+    runtime = get_runtime(config)
+    method, model = runtime.method, runtime.model
+    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
+    payload = json.loads(str(msg.content[keys.CONFIG].get(keys.PAYLOAD, "{}")))
+    arrays = msg.content[keys.ARRAYS].to_torch_state_dict()
+    state_keys = set(method.get_state(model))
+    method.set_state(model, {k: v for k, v in arrays.items() if k in state_keys})
+    train_config = LocalTrainConfig(config.learning_rate, config.weight_decay, budget=config.budgets()[pid])
+    method.prepare_round(model, payload, {k: v for k, v in arrays.items() if k not in state_keys}, train_config)
+
+    data = runtime.partitions[pid]
+    local_batches = batches(data, runtime.tokenizer, batch_size=config.batch_size, steps=config.local_steps,
+                            seed=derive_seed(config.seed, "batches", server_round, pid), max_length=config.max_length)
+    result = method.local_train(model, local_batches, train_config)
+    state = {k: v.detach().cpu().contiguous() for k, v in result.state.items()}
+    extras = {k: v.detach().cpu().contiguous() for k, v in result.extras.items()}
+    metrics = MetricRecord({
+        keys.NUM_EXAMPLES: len(data),
+        keys.TRAIN_LOSS: result.train_loss,
+        keys.STATE_BYTES: tensor_bytes(state),
+        keys.EXTRAS_BYTES: tensor_bytes(extras),
+    })
+    content = RecordDict({keys.ARRAYS: ArrayRecord({**state, **extras}), keys.METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(config: RunConfig | None = None) -> ClientApp:
+    """A ClientApp bound to ``config``, or reading the Flower run config when ``None``."""
+    app = ClientApp()
+
+    def resolve(context: Context) -> RunConfig:
+        return config if config is not None else RunConfig.from_flower(context.run_config)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, resolve(context))
+
+    return app
+
+
+# For `flwr run .` and SuperNodes: the config comes from the run config.
+app = make_client_app()

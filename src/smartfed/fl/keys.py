@@ -1,0 +1,13 @@
+"""Record keys of every message between the SmartFed ServerApp and ClientApps, in one place."""
+
+ARRAYS = "arrays"  # ArrayRecord: the method's state (+ its extras, disjoint keys)
+CONFIG = "config"  # ConfigRecord: round and server payload
+METRICS = "metrics"  # MetricRecord of a reply
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+TRAIN_LOSS = "train-loss"
+STATE_BYTES = "state-bytes"
+EXTRAS_BYTES = "extras-bytes"
+SERVER_ROUND = "server-round"
+PAYLOAD = "payload"  # JSON string of the method's server payload (e.g. quotas)
+PARTITION_ID = "partition-id"  # node config key (Flower's convention) and query reply
+NUM_PARTITIONS = "num-partitions"

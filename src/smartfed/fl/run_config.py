@@ -1,0 +1,151 @@
+"""Every knob of a federated run, one dataclass (the flags of seed 002's reference CLI).
+
+The same object is the CLI's flags, the ``--config`` TOML/YAML file, the
+``[tool.flwr.app.config]`` run config of ``flwr run`` (keys with hyphens), and
+the run folder's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from ..more.config import GateType, RouterType
+
+Partition = Literal["iid", "dirichlet"]
+EnergyMode = Literal["codecarbon", "none"]
+
+
+def _choice(name: str, value: object, choices_type: object) -> None:
+    if value not in get_args(choices_type):
+        raise ValueError(f"{name}={value!r} is not one of {list(get_args(choices_type))}")
+
+
+@dataclass
+class RunConfig:
+    """A federated run; defaults follow the paper's protocol scaled to small machines."""
+
+    model_name_or_path: str = field(default="", metadata={"help": "transformers model id or local folder (required)."})
+    lora_pool: str = field(default="", metadata={"help": "Comma-separated PEFT adapter folders or Hub ids (required)."})
+    task: str = field(default="arith", metadata={"help": "Registered task name or a local Alpaca-style JSONL file."})
+    method: str = field(default="smartfed", metadata={"help": "Registered method (see `smartfed methods`)."})
+    num_clients: int = field(default=20, metadata={"help": "Number of clients (data partitions)."})
+    sample_clients: int = field(default=2, metadata={"help": "Clients sampled per round."})
+    num_rounds: int = field(default=20, metadata={"help": "Communication rounds."})
+    local_steps: int = field(default=10, metadata={"help": "Local optimiser steps per client per round."})
+    batch_size: int = field(default=16, metadata={"help": "Local batch size."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    topk_experts: int = field(default=32, metadata={"help": "Experts kept per token per matrix (K)."})
+    router: RouterType = field(default="linear", metadata={"help": "MoRE router: 'linear' or 'rank'."})
+    gate: GateType = field(default="scaled_softmax", metadata={"help": "MoRE gate function."})
+    enable_eeqa: bool = field(default=False, metadata={"help": "Re-allocate quotas across matrices with EEQA."})
+    eeqa_period: int = field(default=1, metadata={"help": "Run EEQA every this many rounds."})
+    eeqa_k_min: int = field(default=1, metadata={"help": "Smallest quota of a matrix under EEQA."})
+    eeqa_k_max: int = field(default=0, metadata={"help": "Largest quota of a matrix under EEQA (0: its expert count)."})
+    client_budgets: str = field(default="", metadata={"help": "Comma-separated budgets β∈(0,1], cycled over clients ('' = all 1)."})
+    partition: Partition = field(default="iid", metadata={"help": "Data partition: 'iid' or 'dirichlet'."})
+    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (partition=dirichlet)."})
+    num_train: int = field(default=512, metadata={"help": "Training examples over all clients."})
+    num_test: int = field(default=64, metadata={"help": "Held-out examples evaluated by the server each round."})
+    max_length: int = field(default=128, metadata={"help": "Token length of a training example."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per evaluation answer."})
+    eval_every: int = field(default=1, metadata={"help": "Evaluate on the held-out set every this many rounds (and at the end)."})
+    seed: int = field(default=0, metadata={"help": "Seed of data, partitions, sampling and local batches."})
+    energy: EnergyMode = field(default="codecarbon", metadata={"help": "Energy estimate: 'codecarbon' or 'none'."})
+    client_threads: int = field(default=1, metadata={"help": "torch threads per simulated client."})
+    output_dir: str = field(default="runs/smartfed", metadata={"help": "Run folder."})
+
+    def __post_init__(self) -> None:
+        positive = ("num_clients", "sample_clients", "num_rounds", "local_steps", "batch_size", "topk_experts",
+                    "eeqa_period", "eeqa_k_min", "num_train", "num_test", "max_length", "max_new_tokens",
+                    "eval_every", "client_threads")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.sample_clients > self.num_clients:
+            raise ValueError(f"sample_clients={self.sample_clients!r} exceeds num_clients={self.num_clients!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
+        if self.weight_decay < 0 or self.eeqa_k_max < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} and eeqa_k_max={self.eeqa_k_max!r} must be >= 0")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha!r} must be > 0")
+        _choice("router", self.router, RouterType)
+        _choice("gate", self.gate, GateType)
+        _choice("partition", self.partition, Partition)
+        _choice("energy", self.energy, EnergyMode)
+        self.budgets()  # validates client_budgets
+
+    def budgets(self) -> list[float]:
+        """β per client id (cycled)."""
+        if not self.client_budgets.strip():
+            return [1.0] * self.num_clients
+        try:
+            values = [float(b) for b in self.client_budgets.split(",")]
+        except ValueError:
+            raise ValueError(f"client_budgets={self.client_budgets!r} must be comma-separated numbers") from None
+        if not all(0 < b <= 1 for b in values):
+            raise ValueError(f"client_budgets={self.client_budgets!r}: every β must be in (0, 1]")
+        return [values[i % len(values)] for i in range(self.num_clients)]
+
+    def require_sources(self) -> None:
+        """The two fields without a usable default."""
+        for name in ("model_name_or_path", "lora_pool"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+
+    # --- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
+        known = {f.name: f for f in fields(cls)}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}")
+        for key, value in data.items():  # TOML/YAML/Flower give us loosely typed values
+            default = known[key].default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ValueError(f"{source}: {key}={value!r} must be true or false")
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                data[key] = float(value)
+        return cls(**data)
+
+    def to_flower(self) -> dict[str, Any]:
+        """Flower run config (hyphenated keys, scalar values)."""
+        return {k.replace("_", "-"): v for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        return cls.from_dict(dict(run_config), source="Flower run config")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read a TOML, YAML or JSON file of the same keys (returned raw, to merge with flags)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                raise ValueError("expected a .toml, .yaml/.yml or .json file")
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"config file {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a table of keys")
+        return data

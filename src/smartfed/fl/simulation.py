@@ -1,0 +1,33 @@
+"""Run a federation on Flower's simulation engine (one machine, N virtual clients)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .client_app import make_client_app
+from .run_config import RunConfig
+from .server_app import make_server_app
+
+
+def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = True, verbose: bool = False) -> None:
+    """Simulate ``config.num_clients`` clients with Flower; writes ``config.output_dir``."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": config.client_threads, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
+    }
+    flwr_run_simulation(
+        server_app=make_server_app(config, resume=resume, progress=progress),
+        client_app=make_client_app(config),
+        num_supernodes=config.num_clients,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )

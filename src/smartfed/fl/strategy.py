@@ -1,0 +1,73 @@
+"""SmartFed's Flower strategy: FedAvg with reproducible, partition-aware client sampling.
+
+Flower's simulation gives nodes random ids each run, and ``FedAvg`` samples
+with the global ``random``; a resumed run would then train other clients than
+the run it continues. So the strategy first asks every node for its
+``partition-id`` (a QUERY message) and samples partitions with an RNG seeded by
+(seed, round). Aggregation is FedAvg's: arrays (router and importance) and
+metrics averaged by ``num-examples``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from . import keys
+from .runtime import derive_seed
+
+
+class SmartFedStrategy(FedAvg):
+    """FedAvg whose sampled clients depend only on (seed, round)."""
+
+    def __init__(self, *, num_clients: int, sample_clients: int, seed: int, timeout: float = 3600.0) -> None:
+        super().__init__(
+            fraction_train=sample_clients / num_clients,
+            fraction_evaluate=0.0,
+            min_train_nodes=sample_clients,
+            min_available_nodes=num_clients,
+            weighted_by_key=keys.NUM_EXAMPLES,
+            arrayrecord_key=keys.ARRAYS,
+            configrecord_key=keys.CONFIG,
+        )
+        self.num_clients = num_clients
+        self.sample_clients = sample_clients
+        self.seed = seed
+        self.timeout = timeout
+        self.node_of_partition: dict[int, int] = {}
+
+    def discover(self, grid: Grid, *, wait_seconds: float = 600.0) -> dict[int, int]:
+        """Wait for ``num_clients`` nodes, then learn each node's partition id."""
+        deadline = time.monotonic() + wait_seconds
+        while len(list(grid.get_node_ids())) < self.num_clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {self.num_clients} clients connected")
+            time.sleep(0.5)
+        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
+                   for node in grid.get_node_ids()]
+        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+            if reply.has_error():
+                continue
+            pid = int(reply.content[keys.METRICS][keys.PARTITION_ID])
+            self.node_of_partition[pid] = reply.metadata.src_node_id
+        missing = sorted(set(range(self.num_clients)) - set(self.node_of_partition))
+        if missing:
+            raise RuntimeError(f"no client answered for partition(s) {missing[:10]}")
+        return self.node_of_partition
+
+    def sample_partitions(self, server_round: int) -> list[int]:
+        rng = random.Random(derive_seed(self.seed, "sample", server_round))
+        return sorted(rng.sample(sorted(self.node_of_partition), self.sample_clients))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config[keys.SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        nodes = [self.node_of_partition[p] for p in self.sample_partitions(server_round)]
+        return self._construct_messages(record, nodes, MessageType.TRAIN)

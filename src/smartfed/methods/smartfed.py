@@ -1,0 +1,97 @@
+"""SmartFed (seed 001): clients train only MoRE routers; the server averages them and runs EEQA.
+
+- Client: AdamW on the routers of a MoRE model over the shared LoRA pool;
+  per-expert importance (gate-weighted contribution, DESIGN.md §2) is
+  accumulated over the local steps and sent up beside the router.
+- Server: Flower's FedAvg averages routers and importances by examples
+  (both are arrays in the reply); EEQA turns the importance into per-matrix
+  quotas every ``eeqa_period`` rounds; the quotas go down with the router.
+- A client with budget β < 1 keeps ⌊β·K_total⌋ experts, re-allocated over the
+  matrices with the server's importance (A³SMoE's setting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..eeqa import allocate_quotas, client_budget
+from ..fl.run_config import RunConfig
+from ..more import LoraPool, MoreConfig, MoreModel, attach_more
+from .base import LocalResult, LocalTrainConfig, Method, ServerUpdate
+from .registry import register_method
+
+IMPORTANCE_PREFIX = "importance."
+QUOTAS = "quotas"
+
+
+@register_method
+class SmartFed(Method):
+    name = "smartfed"
+    summary = "Route rank-one experts of existing LoRAs; train and average only the routers; EEQA quotas."
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def more_config(self) -> MoreConfig:
+        return MoreConfig(top_k=self.config.topk_experts, router=self.config.router, gate=self.config.gate)
+
+    def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> MoreModel:
+        if pool is None:
+            raise ValueError("method 'smartfed' needs --lora_pool")
+        return attach_more(model, pool, self.more_config(), generator=generator)
+
+    def get_state(self, model: MoreModel) -> dict[str, torch.Tensor]:
+        return model.router_state_dict()
+
+    def set_state(self, model: MoreModel, state: Mapping[str, torch.Tensor]) -> None:
+        model.load_router_state_dict(dict(state), source="server router state")
+
+    def trainable_parameters(self, model: MoreModel) -> list[nn.Parameter]:
+        return model.trainable_parameters()
+
+    # --- quotas ----------------------------------------------------------------
+    def total_budget(self, model: MoreModel) -> int:
+        """K_total = Σ_t K_t at the configured K (DESIGN.md §2)."""
+        return sum(min(self.config.topk_experts, layer.num_experts) for layer in model.more_layers().values())
+
+    def _allocate(self, model: MoreModel, importance: Mapping[str, torch.Tensor], budget: int) -> dict[str, int]:
+        k_max = self.config.eeqa_k_max or None
+        return allocate_quotas(importance, budget, k_min=self.config.eeqa_k_min, k_max=k_max).quotas
+
+    def prepare_round(self, model: MoreModel, payload: Mapping[str, object], extras: Mapping[str, torch.Tensor],
+                      config: LocalTrainConfig) -> None:
+        quotas = payload.get(QUOTAS)
+        if quotas:
+            model.set_quotas({k: int(v) for k, v in dict(quotas).items()})
+        if config.budget < 1.0:
+            budget = client_budget(self.total_budget(model), config.budget)
+            importance = {k.removeprefix(IMPORTANCE_PREFIX): v for k, v in extras.items()}
+            if not importance:  # no importance yet: spread the budget evenly
+                importance = {name: torch.ones(layer.num_experts) for name, layer in model.more_layers().items()}
+            model.set_quotas(self._allocate(model, importance, budget))
+
+    def local_train(self, model: MoreModel, batches: Iterable[dict[str, torch.Tensor]],
+                    config: LocalTrainConfig) -> LocalResult:
+        with model.tracking_expert_stats():
+            result = super().local_train(model, batches, config)
+        result.extras = {IMPORTANCE_PREFIX + name: stats["contribution"] for name, stats in model.expert_stats().items()}
+        return result
+
+    def server_update(self, server_round: int, model: MoreModel, extras: Mapping[str, torch.Tensor]) -> ServerUpdate:
+        importance = {k.removeprefix(IMPORTANCE_PREFIX): v for k, v in extras.items() if k.startswith(IMPORTANCE_PREFIX)}
+        update = ServerUpdate(extras={IMPORTANCE_PREFIX + k: v for k, v in importance.items()})
+        if self.config.enable_eeqa and importance and server_round % self.config.eeqa_period == 0:
+            allocation = allocate_quotas(importance, self.total_budget(model), k_min=self.config.eeqa_k_min,
+                                         k_max=self.config.eeqa_k_max or None)
+            model.set_quotas(allocation.quotas)
+            update.log["eeqa_gap"] = allocation.gap
+        update.payload[QUOTAS] = model.quotas()
+        update.log["quotas"] = model.quotas()
+        return update
+
+    def restore_payload(self, model: MoreModel, payload: Mapping[str, object]) -> None:
+        if payload.get(QUOTAS):
+            model.set_quotas({k: int(v) for k, v in dict(payload[QUOTAS]).items()})

@@ -1,0 +1,131 @@
+"""End to end on Flower's simulation engine: 4 clients, 3 rounds, tiny Llama, two tiny adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from smartfed.cli import app
+from smartfed.data import char_tokenizer
+from smartfed.fl.run_config import RunConfig
+from smartfed.fl.simulation import run_simulation
+
+from .conftest import make_adapter
+
+ROW_FIELDS = {
+    "round", "clients", "clients_replied", "train_loss", "eval_metric", "eval_score", "eval_n",
+    "bytes_up", "bytes_up_per_client", "bytes_up_state", "bytes_up_extras", "bytes_down", "bytes_down_per_client",
+    "wall_seconds", "energy_kwh", "energy_method", "quotas",
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama saved as a transformers folder (with a char tokenizer) and two PEFT adapters for it."""
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    a = make_adapter(model, root / "math", r=4, alpha=8, seed=1)
+    b = make_adapter(model, root / "json", r=4, alpha=8, seed=2)
+    return {"model": str(root / "model"), "pool": f"{a},{b}", "root": str(root)}
+
+
+def _config(assets, output_dir: Path, **overrides) -> RunConfig:
+    values = dict(
+        model_name_or_path=assets["model"], lora_pool=assets["pool"], task="arith", num_clients=4, sample_clients=2,
+        num_rounds=3, local_steps=6, batch_size=8, learning_rate=5e-2, topk_experts=4, enable_eeqa=True,
+        num_train=128, num_test=16, max_length=32, max_new_tokens=4, energy="none", seed=7, output_dir=str(output_dir),
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    run_simulation(_config(assets, out), progress=False)
+    return out
+
+
+def test_federated_run_writes_every_field(full_run, assets):
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["clients_replied"] == 2 and len(row["clients"]) == 2
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+    router = load_file(full_run / "checkpoints" / "round_0003.safetensors")
+    router_bytes = sum(v.numel() * v.element_size() for k, v in router.items() if ".router." in k)
+    for row in rows:
+        assert row["bytes_up_state"] == router_bytes * 2  # the router, from each sampled client
+        assert row["bytes_up"] == row["bytes_up_state"] + row["bytes_up_extras"]
+    # 4 matrices (q, v in 2 layers), 8 experts each, K = 4: the budget is 16 and EEQA keeps it
+    for row in rows:
+        assert sum(row["quotas"].values()) == 16
+        assert row["eeqa_gap"] >= 0
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+    config = json.loads((full_run / "config.json").read_text())
+    assert config["num_clients"] == 4 and config["lora_pool"] == assets["pool"]
+
+
+def test_resume_gives_the_same_final_router(full_run, assets, tmp_path):
+    out = tmp_path / "resumed"
+    run_simulation(_config(assets, out, num_rounds=2), progress=False)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    result = CliRunner().invoke(app, ["run", "--resume", str(out), "--num_rounds", "3"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    resumed = load_file(out / "checkpoints" / "round_0003.safetensors")
+    uninterrupted = load_file(full_run / "checkpoints" / "round_0003.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
+
+
+def test_run_help_lists_the_reference_flags():
+    result = CliRunner().invoke(app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag in ("--model_name_or_path", "--lora_pool", "--task", "--num_clients", "--sample_clients", "--num_rounds",
+                 "--local_steps", "--batch_size", "--learning_rate", "--topk_experts", "--enable_eeqa",
+                 "--output_dir", "--seed", "--partition", "--alpha", "--config", "--resume"):
+        assert flag in result.output, flag
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num_rounds", "0"], "num_rounds=0"),
+        (["--partition", "zipf"], "partition='zipf'"),
+        (["--lora_pool", "/no/such/adapter"], "/no/such/adapter"),
+        (["--model_name_or_path", "/no/such/model"], "/no/such/model"),
+    ],
+)
+def test_bad_flags_give_one_line_errors(assets, args, message):
+    base = ["run", "--model_name_or_path", assets["model"], "--lora_pool", assets["pool"]]
+    result = CliRunner().invoke(app, base + args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_config_file_and_unknown_key(assets, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('num_roundz = 3\n')
+    result = CliRunner().invoke(app, ["run", "--config", str(bad), "--model_name_or_path", assets["model"],
+                                      "--lora_pool", assets["pool"]])
+    assert result.exit_code == 2 and "num_roundz" in result.output
