@@ -33,7 +33,8 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     """One local round: load the server state, train on local batches, send state + extras."""
-    torch.set_num_threads(config.client_threads)
+    if config.client_threads:
+        torch.set_num_threads(config.client_threads)
     pid = partition_id(context)
     runtime = get_runtime(config)
     method, model = runtime.method, runtime.model

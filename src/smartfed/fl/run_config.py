@@ -56,17 +56,21 @@ class RunConfig:
     eval_every: int = field(default=1, metadata={"help": "Evaluate on the held-out set every this many rounds (and at the end)."})
     seed: int = field(default=0, metadata={"help": "Seed of data, partitions, sampling and local batches."})
     energy: EnergyMode = field(default="codecarbon", metadata={"help": "Energy estimate: 'codecarbon' or 'none'."})
-    client_threads: int = field(default=1, metadata={"help": "torch threads per simulated client."})
+    client_threads: int = field(
+        default=0, metadata={"help": "torch threads per client (0: leave torch's default; Ray gives each simulated client 1)."}
+    )
     output_dir: str = field(default="runs/smartfed", metadata={"help": "Run folder."})
 
     def __post_init__(self) -> None:
         positive = ("num_clients", "sample_clients", "num_rounds", "local_steps", "batch_size", "topk_experts",
                     "eeqa_period", "eeqa_k_min", "num_train", "num_test", "max_length", "max_new_tokens",
-                    "eval_every", "client_threads")
+                    "eval_every")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if isinstance(self.client_threads, bool) or not isinstance(self.client_threads, int) or self.client_threads < 0:
+            raise ValueError(f"client_threads={self.client_threads!r} must be an integer >= 0")
         if self.sample_clients > self.num_clients:
             raise ValueError(f"sample_clients={self.sample_clients!r} exceeds num_clients={self.num_clients!r}")
         if not self.learning_rate > 0:

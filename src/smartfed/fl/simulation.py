@@ -14,14 +14,20 @@ def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = 
     """Simulate ``config.num_clients`` clients with Flower; writes ``config.output_dir``."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:  # Ray workers inherit the environment: quiet them too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
     cpus = os.cpu_count() or 1
     backend_config = {
-        "client_resources": {"num_cpus": config.client_threads, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": max(config.client_threads, 1), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
     flwr_run_simulation(
