@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+POOL_FILE = "pool.json"
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT = re.compile(r"round_(\d+)\.safetensors$")
 PAYLOAD_KEY = "smartfed.payload"
@@ -105,6 +106,20 @@ class RunFolder:
             return load_file(path), payload
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"checkpoint {path}: cannot read it ({err})") from err
+
+    def write_pool(self, pool: Any) -> None:
+        """Record the adapters (source and sha256 of the weights) the routers were trained over."""
+        adapters = [
+            {"name": a.name, "source": a.source, "path": str(a.path), "sha256": a.sha256, "rank": a.rank}
+            for a in (pool.adapters if pool is not None else [])
+        ]
+        atomic_write_json(self.path / POOL_FILE, {"adapters": adapters})
+
+    def read_pool(self) -> list[dict[str, Any]]:
+        file = self.path / POOL_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{self.path}: no {POOL_FILE} (was this run folder written by SmartFed?)")
+        return json.loads(file.read_text(encoding="utf-8"))["adapters"]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / SUMMARY_FILE, summary)

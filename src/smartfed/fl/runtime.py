@@ -31,6 +31,7 @@ class Runtime:
     method: Method
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
+    pool: LoraPool | None
     task: Task
     train: datasets.Dataset
     test: datasets.Dataset
@@ -71,7 +72,7 @@ def build_runtime(config: RunConfig) -> Runtime:
     task, train, test = load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)
     partitions = partition_dataset(train, config.num_clients, scheme=config.partition, alpha=config.alpha,
                                    seed=config.seed)
-    return Runtime(config, method, model, tokenizer, task, train, test, partitions)
+    return Runtime(config, method, model, tokenizer, pool, task, train, test, partitions)
 
 
 @lru_cache(maxsize=2)

@@ -56,6 +56,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
     method, model = runtime.method, runtime.model
     folder = RunFolder(config.output_dir)
     folder.write_config(config.to_dict())
+    folder.write_pool(runtime.pool)
     start, payload, extras, rows = _restore(folder, runtime) if resume else (0, {}, {}, [])
     if not resume:
         folder.write_metrics([])
