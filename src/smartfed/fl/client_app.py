@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..data import batches
+from ..data import batches, read_alpaca_jsonl
 from ..methods import LocalTrainConfig
 from . import keys
 from .run_config import RunConfig
@@ -20,9 +21,22 @@ from .runtime import derive_seed, get_runtime, tensor_bytes
 
 
 def partition_id(context: Context) -> int:
-    if keys.PARTITION_ID not in context.node_config:
+    """This node's partition id, checked against the node's own num-partitions."""
+    node_config = context.node_config
+    if keys.PARTITION_ID not in node_config:
         raise ValueError(f"node config has no {keys.PARTITION_ID!r}; start the SuperNode with --node-config")
-    return int(context.node_config[keys.PARTITION_ID])
+    pid = int(node_config[keys.PARTITION_ID])
+    if keys.NUM_PARTITIONS in node_config and not 0 <= pid < int(node_config[keys.NUM_PARTITIONS]):
+        raise ValueError(f"node config: {keys.PARTITION_ID}={pid} is outside [0, {node_config[keys.NUM_PARTITIONS]})")
+    return pid
+
+
+def local_data(context: Context, runtime, pid: int):
+    """The node's own JSONL file when its node config names one (``data-path``), else its partition."""
+    path = context.node_config.get(keys.DATA_PATH)
+    if not path:
+        return runtime.partitions[pid]
+    return datasets.Dataset.from_list([{**record, "label": 0} for record in read_alpaca_jsonl(str(path))])
 
 
 def handle_query(msg: Message, context: Context) -> Message:
@@ -46,18 +60,26 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     train_config = LocalTrainConfig(config.learning_rate, config.weight_decay, budget=config.budgets()[pid])
     method.prepare_round(model, payload, {k: v for k, v in arrays.items() if k not in state_keys}, train_config)
 
-    data = runtime.partitions[pid]
-    local_batches = batches(data, runtime.tokenizer, batch_size=config.batch_size, steps=config.local_steps,
-                            seed=derive_seed(config.seed, "batches", server_round, pid), max_length=config.max_length)
+    data = local_data(context, runtime, pid)
+    local_batches = batches(
+        data,
+        runtime.tokenizer,
+        batch_size=config.batch_size,
+        steps=config.local_steps,
+        seed=derive_seed(config.seed, "batches", server_round, pid),
+        max_length=config.max_length,
+    )
     result = method.local_train(model, local_batches, train_config)
     state = {k: v.detach().cpu().contiguous() for k, v in result.state.items()}
     extras = {k: v.detach().cpu().contiguous() for k, v in result.extras.items()}
-    metrics = MetricRecord({
-        keys.NUM_EXAMPLES: len(data),
-        keys.TRAIN_LOSS: result.train_loss,
-        keys.STATE_BYTES: tensor_bytes(state),
-        keys.EXTRAS_BYTES: tensor_bytes(extras),
-    })
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: len(data),
+            keys.TRAIN_LOSS: result.train_loss,
+            keys.STATE_BYTES: tensor_bytes(state),
+            keys.EXTRAS_BYTES: tensor_bytes(extras),
+        }
+    )
     content = RecordDict({keys.ARRAYS: ArrayRecord({**state, **extras}), keys.METRICS: metrics})
     return Message(content, reply_to=msg)
 

@@ -31,8 +31,12 @@ class EnergyMeter:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._tracker = OfflineEmissionsTracker(
-                    country_iso_code="USA", save_to_file=False, log_level="error", measure_power_secs=1,
-                    output_dir=str(self.output_dir), tracking_mode="machine",
+                    country_iso_code="USA",
+                    save_to_file=False,
+                    log_level="error",
+                    measure_power_secs=1,
+                    output_dir=str(self.output_dir),
+                    tracking_mode="machine",
                 )
                 self._tracker.start()
         except Exception:  # codecarbon missing or failing must never stop a federation
@@ -47,7 +51,9 @@ class EnergyMeter:
             self._tracker.stop()
             data = self._tracker.final_emissions_data
             energy = float(data.energy_consumed)
-            rapl = os.path.exists("/sys/class/powercap/intel-rapl") and os.access("/sys/class/powercap/intel-rapl", os.R_OK)
+            rapl = os.path.exists("/sys/class/powercap/intel-rapl") and os.access(
+                "/sys/class/powercap/intel-rapl", os.R_OK
+            )
             method = "codecarbon (RAPL)" if rapl else "codecarbon estimate: TDP x CPU load, no RAPL (not a measurement)"
             return energy, method
         except Exception as err:

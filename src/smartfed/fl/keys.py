@@ -11,3 +11,4 @@ SERVER_ROUND = "server-round"
 PAYLOAD = "payload"  # JSON string of the method's server payload (e.g. quotas)
 PARTITION_ID = "partition-id"  # node config key (Flower's convention) and query reply
 NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"  # optional node config key: the node's own Alpaca-style JSONL file

@@ -8,10 +8,11 @@ the run folder's ``config.json``.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+import tomllib
 
 from ..more.config import GateType, RouterType
 
@@ -46,25 +47,42 @@ class RunConfig:
     eeqa_period: int = field(default=1, metadata={"help": "Run EEQA every this many rounds."})
     eeqa_k_min: int = field(default=1, metadata={"help": "Smallest quota of a matrix under EEQA."})
     eeqa_k_max: int = field(default=0, metadata={"help": "Largest quota of a matrix under EEQA (0: its expert count)."})
-    client_budgets: str = field(default="", metadata={"help": "Comma-separated budgets β∈(0,1], cycled over clients ('' = all 1)."})
+    client_budgets: str = field(
+        default="", metadata={"help": "Comma-separated budgets β∈(0,1], cycled over clients ('' = all 1)."}
+    )
     partition: Partition = field(default="iid", metadata={"help": "Data partition: 'iid' or 'dirichlet'."})
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (partition=dirichlet)."})
     num_train: int = field(default=512, metadata={"help": "Training examples over all clients."})
     num_test: int = field(default=64, metadata={"help": "Held-out examples evaluated by the server each round."})
     max_length: int = field(default=128, metadata={"help": "Token length of a training example."})
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per evaluation answer."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate on the held-out set every this many rounds (and at the end)."})
+    eval_every: int = field(
+        default=1, metadata={"help": "Evaluate on the held-out set every this many rounds (and at the end)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of data, partitions, sampling and local batches."})
     energy: EnergyMode = field(default="codecarbon", metadata={"help": "Energy estimate: 'codecarbon' or 'none'."})
     client_threads: int = field(
-        default=0, metadata={"help": "torch threads per client (0: leave torch's default; Ray gives each simulated client 1)."}
+        default=0,
+        metadata={"help": "torch threads per client (0: leave torch's default; Ray gives each simulated client 1)."},
     )
     output_dir: str = field(default="runs/smartfed", metadata={"help": "Run folder."})
 
     def __post_init__(self) -> None:
-        positive = ("num_clients", "sample_clients", "num_rounds", "local_steps", "batch_size", "topk_experts",
-                    "eeqa_period", "eeqa_k_min", "num_train", "num_test", "max_length", "max_new_tokens",
-                    "eval_every")
+        positive = (
+            "num_clients",
+            "sample_clients",
+            "num_rounds",
+            "local_steps",
+            "batch_size",
+            "topk_experts",
+            "eeqa_period",
+            "eeqa_k_min",
+            "num_train",
+            "num_test",
+            "max_length",
+            "max_new_tokens",
+            "eval_every",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -82,8 +82,11 @@ class RunFolder:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={"format": "pt", PAYLOAD_KEY: json.dumps(payload, sort_keys=True)})
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                tmp,
+                metadata={"format": "pt", PAYLOAD_KEY: json.dumps(payload, sort_keys=True)},
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -70,8 +70,9 @@ def build_runtime(config: RunConfig) -> Runtime:
     pool = LoraPool.load(config.lora_pool) if config.lora_pool else None
     model = method.build(model, pool, torch.Generator().manual_seed(derive_seed(config.seed, "init")))
     task, train, test = load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)
-    partitions = partition_dataset(train, config.num_clients, scheme=config.partition, alpha=config.alpha,
-                                   seed=config.seed)
+    partitions = partition_dataset(
+        train, config.num_clients, scheme=config.partition, alpha=config.alpha, seed=config.seed
+    )
     return Runtime(config, method, model, tokenizer, pool, task, train, test, partitions)
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -31,8 +34,14 @@ from .strategy import SmartFedStrategy
 def _evaluate(runtime: Runtime) -> dict[str, float]:
     config = runtime.config
     with torch.no_grad():
-        result = evaluate_task(runtime.model, runtime.tokenizer, runtime.task, runtime.test,
-                               max_new_tokens=config.max_new_tokens, batch_size=16)
+        result = evaluate_task(
+            runtime.model,
+            runtime.tokenizer,
+            runtime.task,
+            runtime.test,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=16,
+        )
     return {"score": float(result["score"]), "n": int(result["n"])}
 
 
@@ -54,7 +63,8 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
     """Run (or resume) the federation of ``config``; returns the summary."""
     runtime = get_runtime(config)
     method, model = runtime.method, runtime.model
-    folder = RunFolder(config.output_dir)
+    folder = RunFolder(Path(config.output_dir).expanduser().resolve())
+    log(INFO, "SmartFed run folder: %s", folder.path)
     folder.write_config(config.to_dict())
     folder.write_pool(runtime.pool)
     start, payload, extras, rows = _restore(folder, runtime) if resume else (0, {}, {}, [])
@@ -66,8 +76,13 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
     strategy.discover(grid)
     energy = EnergyMeter(config.energy, folder.path)
     started = time.monotonic()
-    bar = tqdm(range(start + 1, config.num_rounds + 1), desc="rounds", disable=not progress, initial=start,
-               total=config.num_rounds)
+    bar = tqdm(
+        range(start + 1, config.num_rounds + 1),
+        desc="rounds",
+        disable=not progress,
+        initial=start,
+        total=config.num_rounds,
+    )
     for server_round in bar:
         t0 = time.monotonic()
         energy.start()

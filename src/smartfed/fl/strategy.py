@@ -48,13 +48,20 @@ class SmartFedStrategy(FedAvg):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {self.num_clients} clients connected")
             time.sleep(0.5)
-        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
-                   for node in grid.get_node_ids()]
+        queries = [
+            Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
+            for node in grid.get_node_ids()
+        ]
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             if reply.has_error():
                 continue
             pid = int(reply.content[keys.METRICS][keys.PARTITION_ID])
-            self.node_of_partition[pid] = reply.metadata.src_node_id
+            node = reply.metadata.src_node_id
+            if not 0 <= pid < self.num_clients:
+                raise ValueError(f"node {node} holds partition-id={pid}, outside [0, {self.num_clients}) (num-clients)")
+            if pid in self.node_of_partition:
+                raise ValueError(f"partition-id={pid} is claimed by nodes {self.node_of_partition[pid]} and {node}")
+            self.node_of_partition[pid] = node
         missing = sorted(set(range(self.num_clients)) - set(self.node_of_partition))
         if missing:
             raise RuntimeError(f"no client answered for partition(s) {missing[:10]}")

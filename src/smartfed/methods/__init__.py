@@ -9,5 +9,14 @@ def load_builtin_methods() -> None:
     from . import smartfed  # noqa: F401
 
 
-__all__ = ["METHODS", "LocalResult", "LocalTrainConfig", "Method", "ServerUpdate", "get_method_class",
-           "list_methods", "load_builtin_methods", "register_method"]
+__all__ = [
+    "METHODS",
+    "LocalResult",
+    "LocalTrainConfig",
+    "Method",
+    "ServerUpdate",
+    "get_method_class",
+    "list_methods",
+    "load_builtin_methods",
+    "register_method",
+]

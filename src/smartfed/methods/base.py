@@ -66,8 +66,13 @@ class Method(ABC):
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def prepare_round(self, model: nn.Module, payload: Mapping[str, object], extras: Mapping[str, torch.Tensor],
-                      config: LocalTrainConfig) -> None:
+    def prepare_round(  # noqa: B027 (optional hook)
+        self,
+        model: nn.Module,
+        payload: Mapping[str, object],
+        extras: Mapping[str, torch.Tensor],
+        config: LocalTrainConfig,
+    ) -> None:
         """Apply what the server sent beside the state (quotas, ...) before training or evaluating."""
 
     def local_train(
@@ -89,8 +94,9 @@ class Method(ABC):
             losses.append(loss.item())
             examples += int(batch["input_ids"].shape[0])
         model.eval()
-        return LocalResult(state=self.get_state(model), num_examples=examples,
-                           train_loss=sum(losses) / max(len(losses), 1))
+        return LocalResult(
+            state=self.get_state(model), num_examples=examples, train_loss=sum(losses) / max(len(losses), 1)
+        )
 
     def server_update(
         self,
@@ -101,5 +107,5 @@ class Method(ABC):
         """Server-side step after aggregation (``model`` already holds the averaged state)."""
         return ServerUpdate()
 
-    def restore_payload(self, model: nn.Module, payload: Mapping[str, object]) -> None:
+    def restore_payload(self, model: nn.Module, payload: Mapping[str, object]) -> None:  # noqa: B027 (optional hook)
         """Re-apply a saved server payload on resume (e.g. quotas)."""

@@ -61,8 +61,13 @@ class SmartFed(Method):
         k_max = self.config.eeqa_k_max or None
         return allocate_quotas(importance, budget, k_min=self.config.eeqa_k_min, k_max=k_max).quotas
 
-    def prepare_round(self, model: MoreModel, payload: Mapping[str, object], extras: Mapping[str, torch.Tensor],
-                      config: LocalTrainConfig) -> None:
+    def prepare_round(
+        self,
+        model: MoreModel,
+        payload: Mapping[str, object],
+        extras: Mapping[str, torch.Tensor],
+        config: LocalTrainConfig,
+    ) -> None:
         quotas = payload.get(QUOTAS)
         if quotas:
             model.set_quotas({k: int(v) for k, v in dict(quotas).items()})
@@ -73,19 +78,25 @@ class SmartFed(Method):
                 importance = {name: torch.ones(layer.num_experts) for name, layer in model.more_layers().items()}
             model.set_quotas(self._allocate(model, importance, budget))
 
-    def local_train(self, model: MoreModel, batches: Iterable[dict[str, torch.Tensor]],
-                    config: LocalTrainConfig) -> LocalResult:
+    def local_train(
+        self, model: MoreModel, batches: Iterable[dict[str, torch.Tensor]], config: LocalTrainConfig
+    ) -> LocalResult:
         with model.tracking_expert_stats():
             result = super().local_train(model, batches, config)
-        result.extras = {IMPORTANCE_PREFIX + name: stats["contribution"] for name, stats in model.expert_stats().items()}
+        result.extras = {
+            IMPORTANCE_PREFIX + name: stats["contribution"] for name, stats in model.expert_stats().items()
+        }
         return result
 
     def server_update(self, server_round: int, model: MoreModel, extras: Mapping[str, torch.Tensor]) -> ServerUpdate:
-        importance = {k.removeprefix(IMPORTANCE_PREFIX): v for k, v in extras.items() if k.startswith(IMPORTANCE_PREFIX)}
+        importance = {
+            k.removeprefix(IMPORTANCE_PREFIX): v for k, v in extras.items() if k.startswith(IMPORTANCE_PREFIX)
+        }
         update = ServerUpdate(extras={IMPORTANCE_PREFIX + k: v for k, v in importance.items()})
         if self.config.enable_eeqa and importance and server_round % self.config.eeqa_period == 0:
-            allocation = allocate_quotas(importance, self.total_budget(model), k_min=self.config.eeqa_k_min,
-                                         k_max=self.config.eeqa_k_max or None)
+            allocation = allocate_quotas(
+                importance, self.total_budget(model), k_min=self.config.eeqa_k_min, k_max=self.config.eeqa_k_max or None
+            )
             model.set_quotas(allocation.quotas)
             update.log["eeqa_gap"] = allocation.gap
         update.payload[QUOTAS] = model.quotas()
