@@ -31,3 +31,33 @@ __all__ = [
     "read_alpaca_jsonl",
     "register_task",
 ]
+
+from .real import (  # appended: real datasets
+    REAL_DATASETS,
+    RealTask,
+    list_real_datasets,
+    load_real_task,
+    parse_real_spec,
+    read_dolly,
+    read_gsm8k,
+    read_gsm_hard,
+    read_humaneval,
+    read_math23k,
+    read_mbpp,
+    read_mgsm,
+)
+
+__all__ += [
+    "REAL_DATASETS",
+    "RealTask",
+    "list_real_datasets",
+    "load_real_task",
+    "parse_real_spec",
+    "read_dolly",
+    "read_gsm8k",
+    "read_gsm_hard",
+    "read_humaneval",
+    "read_math23k",
+    "read_mbpp",
+    "read_mgsm",
+]

@@ -395,7 +395,8 @@ def load_task(
 ) -> tuple[Task, Dataset, Dataset]:
     """Load a task as ``(task, train, test)``; both datasets have the columns ``prompt``, ``answer``, ``label``.
 
-    ``task`` is a registered name (``list_tasks()``) or the path of an
+    ``task`` is a registered name (``list_tasks()``), a real dataset spec
+    (``NAME[.OPTION][:PATH]``, see ``smartfed.data.real``), or the path of an
     Alpaca-style JSONL file (``read_alpaca_jsonl``). Prompts are deduplicated
     (first occurrence kept) before the split, so no test prompt is in train.
 
@@ -418,6 +419,10 @@ def load_task(
     name = os.fspath(task)
     if not isinstance(name, str):
         raise ValueError(f"load_task: task={task!r} must be a task name or a path")
+    from .real import load_real_task, parse_real_spec  # lazy: real.py imports this module
+
+    if parse_real_spec(name) is not None:  # a real dataset: "gsm8k:/data/gsm8k", "mgsm.es:...", ...
+        return load_real_task(name, seed=seed, num_train=num_train, num_test=num_test)
     if name in TASKS:
         spec = TASKS[name]
         train, test = _load_registered(spec, seed, num_train, num_test)

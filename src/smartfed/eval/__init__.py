@@ -13,3 +13,27 @@ __all__ = [
     "rouge_l",
     "score",
 ]
+
+from .programs import (  # appended: real-dataset metrics
+    ANSWER_METRICS,
+    RECORD_METRICS,
+    execute_solution,
+    pass_at_1_humaneval,
+    pass_at_1_mbpp,
+    per_example_scores,
+    score_records,
+)
+from .sandbox import SandboxResult, network_isolation, run_python
+
+__all__ += [
+    "ANSWER_METRICS",
+    "RECORD_METRICS",
+    "SandboxResult",
+    "execute_solution",
+    "network_isolation",
+    "pass_at_1_humaneval",
+    "pass_at_1_mbpp",
+    "per_example_scores",
+    "run_python",
+    "score_records",
+]

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from smartfed.data.collate import encode_prompt, pad_token_id
 from smartfed.data.tasks import Task
 
-from .metrics import score
+from .programs import score_records
 
 
 def _model_device(model: Any) -> torch.device:
@@ -135,4 +135,6 @@ def evaluate_task(
     if not prompts:
         return {"score": 0.0, "n": 0.0}
     preds = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return {"score": float(score(task.metric, preds, refs)), "n": float(len(prompts))}
+    rows = dataset.select(range(len(prompts))) if hasattr(dataset, "select") else dataset
+    # record-aware metrics (pass@1, program execution) read the rows' extra columns
+    return {"score": float(score_records(task.metric, preds, rows)), "n": float(len(prompts))}

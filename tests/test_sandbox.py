@@ -1,0 +1,166 @@
+"""The program sandbox: limits, timeout, network, file system, output (each run is a short subprocess)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smartfed.eval.sandbox import SandboxResult, network_isolation, run_python
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections (so a refused connection means the sandbox)."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()
+
+
+def test_good_program_passes() -> None:
+    result = run_python("import math\nprint(math.factorial(5))\n")
+    assert isinstance(result, SandboxResult)
+    assert result.ok and result.returncode == 0 and result.stdout == "120\n" and result.reason == ""
+    assert not result.timed_out and not result.truncated
+
+
+def test_failures_are_results_not_exceptions() -> None:
+    assert run_python("import sys\nsys.exit(3)\n").reason == "exit status 3"
+    broken = run_python("def f(:\n")
+    assert not broken.ok and "SyntaxError" in broken.stderr
+    raised = run_python("raise KeyError('boom')\n")
+    assert not raised.ok and "KeyError: 'boom'" in raised.stderr and 'File "main.py", line 1' in raised.stderr
+
+
+def test_infinite_loop_times_out_cleanly() -> None:
+    start = time.monotonic()
+    result = run_python("while True:\n    pass\n", timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert result.timed_out and not result.ok and result.reason == "timeout"
+    assert result.returncode is not None and result.returncode < 0
+    assert elapsed < 3.5, elapsed
+
+
+def test_sleeping_program_is_killed_at_the_wall_clock_timeout() -> None:
+    start = time.monotonic()
+    result = run_python("import time\nprint('started', flush=True)\ntime.sleep(60)\n", timeout=0.5)
+    assert result.timed_out and result.stdout == "started\n"
+    assert time.monotonic() - start < 3.0
+
+
+def test_socket_to_localhost_is_blocked(listener: int) -> None:
+    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {listener}), timeout=1)\nprint('connected')\n"
+    result = run_python(code)
+    assert not result.ok and "connected" not in result.stdout
+    guard_only = run_python(code, network_namespace=False)
+    assert not guard_only.ok and guard_only.reason == "blocked by the sandbox"
+    assert "network access is blocked" in guard_only.stderr
+
+
+def test_network_namespace_stops_native_code_too(listener: int) -> None:
+    if network_isolation() == "audit-hook":
+        pytest.skip("no usable 'unshare -n' here: only the audit hook guards the network")
+    # libc's socket/connect through ctypes get past an audit hook, not past the namespace
+    code = (
+        "import ctypes, struct, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "fd = libc.socket(2, 1, 0)\n"
+        f"addr = struct.pack('<H', 2) + struct.pack('>H', {listener}) + bytes([127, 0, 0, 1]) + bytes(8)\n"
+        "rc = libc.connect(fd, addr, len(addr))\n"
+        "print('connect', rc, ctypes.get_errno())\n"
+        "sys.exit(0 if rc == 0 else 3)\n"
+    )
+    assert run_python(code).returncode == 3
+    assert run_python(code, network_namespace=False).returncode == 0  # the guard alone does not stop this
+
+
+def test_two_gigabytes_hit_the_memory_limit() -> None:
+    result = run_python("block = bytearray(2 * 1024**3)\nprint(len(block))\n", memory_mb=512)
+    assert not result.ok and result.reason == "memory limit" and "MemoryError" in result.stderr
+
+
+def test_large_output_is_truncated() -> None:
+    result = run_python("import sys\nsys.stdout.write('x' * 1_000_000)\n", max_output=10_000)
+    assert result.ok and result.truncated
+    assert result.stdout.startswith("x" * 10_000) and len(result.stdout) < 10_100
+    assert "1000000 bytes in all" in result.stdout
+
+
+def test_files_stay_in_the_temp_dir_which_is_removed(tmp_path: Path) -> None:
+    code = (
+        "import os, pathlib, tempfile\n"
+        "pathlib.Path('a.txt').write_text('hello')\n"
+        "os.makedirs('sub/dir')\n"
+        "pathlib.Path('sub/dir/b.bin').write_bytes(b'0' * 1000)\n"
+        "tempfile.NamedTemporaryFile(delete=False).write(b'1')\n"
+        "print(os.getcwd())\n"
+    )
+    result = run_python(code)
+    assert result.ok, result.stderr
+    workdir = Path(result.stdout.strip())
+    assert workdir.name.startswith("smartfed-sandbox-") and not workdir.exists()
+    outside = tmp_path / "evil.txt"
+    escaped = run_python(f"open({str(outside)!r}, 'w').write('x')\n")
+    assert escaped.reason == "blocked by the sandbox" and not outside.exists()
+    target = tmp_path / "keep.txt"
+    target.write_text("keep")
+    removed = run_python(f"import os\nos.remove({str(target)!r})\n")
+    assert not removed.ok and target.read_text() == "keep"
+    linked = run_python(f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')\n")
+    assert not linked.ok and target.read_text() == "keep"
+
+
+def test_big_files_hit_the_file_size_limit() -> None:
+    result = run_python("open('big', 'wb').write(b'0' * (3 * 1024 * 1024))\n", file_mb=1)
+    assert not result.ok and result.reason in {"file size limit", "exit status 1"}
+
+
+def test_processes_and_limit_changes_are_blocked() -> None:
+    for code in (
+        "import os\nos.system('echo hi')\n",
+        "import subprocess\nsubprocess.run(['echo', 'hi'])\n",
+        "import os\nos.fork()\n",
+        "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n",
+    ):
+        result = run_python(code)
+        assert not result.ok and result.reason == "blocked by the sandbox", (code, result.stderr)
+
+
+def test_environment_is_minimal_and_isolated() -> None:
+    result = run_python("import os, sys\nprint(sorted(os.environ))\nprint(sys.flags.isolated, sys.flags.no_site)\n")
+    assert result.ok
+    names, flags = result.stdout.splitlines()
+    assert "PYTHONPATH" not in names and "HF_TOKEN" not in names
+    assert flags == "1 1"
+    assert run_python("import numpy\nprint('ok')\n").stdout == "ok\n"  # site-packages still import
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="code must be a string"):
+        run_python(b"print(1)")  # type: ignore[arg-type]
+    for kwargs in ({"timeout": 0}, {"memory_mb": -1}, {"max_output": 0}, {"timeout": float("inf")}):
+        with pytest.raises(ValueError, match="must be a positive finite number"):
+            run_python("pass", **kwargs)  # type: ignore[arg-type]
