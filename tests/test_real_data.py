@@ -409,3 +409,16 @@ def test_final_number_and_math_value() -> None:
     assert math_value_match("0.47", "0.4666666667") == 0.0
     with pytest.raises(ValueError, match=r"unknown metric 'nope'"):
         score_records("nope", ["a"], [{"answer": "a"}])
+
+
+def test_load_task_dispatches_real_specs_and_scores_with_record_metrics() -> None:
+    """The task loader every run uses accepts the spec; evaluate_task scores pass@1 through the sandbox."""
+    from smartfed.data import load_task
+    from smartfed.eval.programs import score_records
+
+    path = shared("humaneval", "HumanEval.jsonl.gz")
+    task, _train, test = load_task(f"humaneval:{path}", seed=0, num_train=8, num_test=4)
+    assert task.metric == "humaneval_pass_at_1" and len(test) == 4
+    rows = test.to_list()
+    assert score_records(task.metric, [r["answer"] for r in rows], rows) == 1.0
+    assert score_records(task.metric, ["    return None\n"] * 4, rows) == 0.0
