@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -55,6 +56,8 @@ class Row:
     more_ms: float
     lora_bytes: int
     more_bytes: int
+    noise: float  # interquartile range / median of the noisier variant
+    others: float | None  # share of the machine's CPU other processes used meanwhile (Linux only)
 
     @property
     def ratio(self) -> float:
@@ -131,14 +134,43 @@ def _timed(step: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _spread(samples: list[float]) -> float:
+    """Interquartile range over median: how much the machine moved under the timings."""
+    if len(samples) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / statistics.median(samples)
+
+
+def _cpu_jiffies() -> tuple[int, int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat, and this process's own; None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    own = os.times()
+    return sum(ticks) - idle, sum(ticks), round((own.user + own.system) * os.sysconf("SC_CLK_TCK"))
+
+
+def _others_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> float | None:
+    """Fraction of all CPU time between the two readings that went to other processes."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
+    return min(max((busy - own) / total, 0.0), 1.0)
+
+
 def time_side_by_side(
     lora: Callable[[], None], more: Callable[[], None], device: torch.device, repeats: int, warmup: int
-) -> tuple[float, float]:
-    """Median ms of each, interleaved so that drift (clocks, caches, other load) hits both alike."""
+) -> tuple[float, float, float, float | None]:
+    """Median ms of each and the larger spread, interleaved so that drift (clocks, other load) hits both alike."""
     for _ in range(warmup):
         lora()
         more()
     lora_ms, more_ms = [], []
+    start = _cpu_jiffies()
     for i in range(repeats):
         # Alternate who goes first, so neither always runs on the other's warm cache.
         if i % 2 == 0:
@@ -147,7 +179,8 @@ def time_side_by_side(
         else:
             more_ms.append(_timed(more, device))
             lora_ms.append(_timed(lora, device))
-    return statistics.median(lora_ms), statistics.median(more_ms)
+    others = _others_share(start, _cpu_jiffies())
+    return statistics.median(lora_ms), statistics.median(more_ms), max(_spread(lora_ms), _spread(more_ms)), others
 
 
 def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -200,7 +233,7 @@ def bench_one(
     lora = make_lora(copy.deepcopy(base), experts)
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
     x.requires_grad_(True)
-    lora_ms, more_ms = time_side_by_side(
+    lora_ms, more_ms, noise, others = time_side_by_side(
         lambda: _step(lora, x), lambda: _step(more, x), device, repeats=repeats, warmup=warmup
     )
     return Row(
@@ -212,6 +245,8 @@ def bench_one(
         more_ms=more_ms,
         lora_bytes=peak_bytes(lora, x, device),
         more_bytes=peak_bytes(more, x, device),
+        noise=noise,
+        others=others,
     )
 
 
@@ -226,6 +261,10 @@ def machine(device: torch.device) -> str:
         except (OSError, StopIteration):
             pass
     return f"{device.type}: {name} | torch {torch.__version__} | threads {torch.get_num_threads()}"
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
 
 
 def _mib(n: int) -> str:
@@ -248,15 +287,21 @@ def format_table(rows: Sequence[Row], device: torch.device, dtype: torch.dtype, 
     ]
     header = (
         f"{'d':>5} {'tokens':>6} {'router':<6} {'K':>3} | {'LoRA ms':>9} {'MoRE ms':>9} {'ratio':>6} {'':4} | "
-        f"{'LoRA MiB':>8} {'MoRE MiB':>8} {'ratio':>6}"
+        f"{'LoRA MiB':>8} {'MoRE MiB':>8} {'ratio':>6} | {'noise':>5} {'others':>6}"
     )
     lines += [header, "-" * len(header)]
     for r in rows:
         verdict = "PASS" if r.ratio <= r.target else "MISS"
         lines.append(
             f"{r.d:>5} {r.tokens:>6} {r.router:<6} {r.top_k:>3} | {r.lora_ms:9.2f} {r.more_ms:9.2f} {r.ratio:6.3f} "
-            f"{verdict:4} | {_mib(r.lora_bytes)} {_mib(r.more_bytes)} {r.mem_ratio:6.3f}"
+            f"{verdict:4} | {_mib(r.lora_bytes)} {_mib(r.more_bytes)} {r.mem_ratio:6.3f} | {r.noise:5.0%} {_pct(r.others):>6}"
         )
+    lines += [
+        "",
+        "noise: interquartile range / median of the step times (the noisier variant); others: share of the "
+        "machine's CPU that other processes used during the timed steps. Others above ~10% (or noise above ~25%): "
+        "the machine was busy with something else, rerun before reading the ratio.",
+    ]
     return "\n".join(lines)
 
 
@@ -266,9 +311,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tokens",
         type=int,
         default=None,
-        help="tokens per step, for every d (default: " + ", ".join(f"{n} at d={d}" for d, n in DEFAULT_TOKENS.items()) + ")",
+        help="tokens per step, for every d (default: "
+        + ", ".join(f"{n} at d={d}" for d, n in DEFAULT_TOKENS.items())
+        + ")",
     )
-    parser.add_argument("--repeats", type=int, default=9, help="timed steps per variant (median reported)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="hidden sizes d")
     parser.add_argument("--top-k", type=int, nargs="+", default=list(TOP_KS), help="experts kept per token")
@@ -295,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for router in args.routers:
             for k in args.top_k:
                 rows.append(
-                    bench_one(d, tokens, router, k, device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
+                    bench_one(
+                        d, tokens, router, k, device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup
+                    )
                 )
     print(format_table(rows, device, dtype, args.repeats), flush=True)
     return 0
