@@ -44,10 +44,18 @@ def assets(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("deploy-assets")
     torch.manual_seed(0)
     tokenizer = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -127,8 +135,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the script and the leak check need Linux /proc")
 @pytest.mark.skipif(_flower_superlink() is None, reason="flower-superlink is not installed (pip install flwr)")
-@pytest.mark.skipif(shutil.which("setsid") is None or shutil.which("timeout") is None,
-                    reason="the script needs setsid and timeout (util-linux, coreutils)")
+@pytest.mark.skipif(
+    shutil.which("setsid") is None or shutil.which("timeout") is None,
+    reason="the script needs setsid and timeout (util-linux, coreutils)",
+)
 def test_deployment_engine_on_loopback(assets, tmp_path):
     psutil = pytest.importorskip("psutil")
     out, logs = tmp_path / "run", tmp_path / "logs"
@@ -151,8 +161,15 @@ def test_deployment_engine_on_loopback(assets, tmp_path):
         f'energy="none" output-dir="{out}"'
     )
     started = time.monotonic()
-    proc = subprocess.Popen(["bash", str(SCRIPT), "2", "--", overrides], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "2", "--", overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     watcher = _Watcher(proc.pid)
     watcher.start()
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -165,3 +167,24 @@ def test_pool_records_origin(two_adapters):
     assert_close(module.scale, torch.tensor([2.0] * 4 + [2.0] * 2))
     assert [a.rank for a in pool.adapters] == [4, 2]
     assert len(pool.adapters[0].sha256) == 64
+
+
+def test_expert_stats_skip_padding_tokens(llama, two_adapters, input_ids):
+    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=2))
+    mask = torch.ones_like(input_ids)
+    mask[0, 5:] = 0  # three padded positions in the first row
+    with torch.no_grad(), more_model.tracking_expert_stats():
+        more_model(input_ids=input_ids, attention_mask=mask)
+    assert all(s["tokens"] == int(mask.sum()) for s in more_model.expert_stats().values())
+    assert all(layer.stat_token_mask is None for layer in more_model.more_layers().values())
+
+
+def test_saved_router_carries_quotas(llama, two_adapters, tmp_path):
+    from safetensors import safe_open
+
+    more_model = attach_more(llama(), LoraPool.load(two_adapters), MoreConfig(top_k=2))
+    name = next(iter(more_model.quotas()))
+    more_model.set_quotas({name: 5})
+    path = more_model.save_router(tmp_path / "router.safetensors")
+    with safe_open(path, framework="pt") as fh:
+        assert json.loads(fh.metadata()["smartfed.quotas"])[name] == 5

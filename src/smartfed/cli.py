@@ -39,8 +39,7 @@ def pool_inspect(
     try:
         pool = LoraPool.load(sources)
     except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2) from None
+        _error_exit(err)
     table = Table(title=repr(pool))
     for column in ("adapter", "rank", "alpha", "rsLoRA", "matrices", "base model", "sha256"):
         table.add_column(column)
@@ -59,9 +58,12 @@ def pool_inspect(
     console.print(f"{len(pool.modules)} target matrices, experts per matrix: {sorted(sizes)}")
 
 
-def _fail(message: str, debug: bool = False) -> NoReturn:
-    """One clear line on stderr and exit code 2 (a usage or input error)."""
-    Console(stderr=True).print(f"[red]error:[/] {message}", markup=True, highlight=False)
+def _error_exit(err: BaseException | str, debug: bool = False) -> NoReturn:
+    """``error: <message>`` on one unwrapped stderr line, exit code 2."""
+    if debug and isinstance(err, BaseException):
+        raise err
+    message = " ".join(str(err).split())
+    typer.echo(typer.style("error:", fg="red") + " " + message, err=True)
     raise typer.Exit(2)
 
 
@@ -76,14 +78,15 @@ def _run_options() -> list[inspect.Parameter]:
         if kind is bool:
             names = [f"--{f.name}/--no_{f.name}"]
         option = typer.Option(None, *names, help=f.metadata.get("help", ""), show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=Optional[kind]))  # noqa: UP045 (typer needs Optional)
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
+        )
     return params
 
 
 def _run(
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML/YAML/JSON file of the same keys.")] = None,  # noqa: UP045
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,  # noqa: UP045
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML/YAML/JSON file of the same keys.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     **flags: Any,
@@ -105,9 +108,7 @@ def _run(
         run_config.require_sources()
         _check_paths(run_config)
     except (ValueError, FileNotFoundError) as err:
-        if debug:
-            raise
-        _fail(str(err))
+        _error_exit(err, debug)
     run_simulation(run_config, resume=resume is not None, verbose=verbose)
     summary = Path(run_config.output_dir) / "summary.json"
     Console().print(f"run folder: {run_config.output_dir}  (summary: {summary})")
@@ -138,6 +139,211 @@ def methods_command() -> None:
     load_builtin_methods()
     for name, summary in list_methods().items():
         typer.echo(f"{name:12s} {summary}")
+
+
+# --- using a finished run: generate, eval, export ----------------------------------------------
+RunDirArg = Annotated[
+    Path, typer.Argument(help="Run folder written by `smartfed run` (its --output_dir).", show_default=False)
+]
+RoundOpt = Annotated[
+    Optional[int], typer.Option("--round", min=1, help="Checkpoint round to load (default: the last).")
+]
+PoolOpt = Annotated[
+    Optional[str],
+    typer.Option("--pool", help="Comma-separated adapter folders, when they moved since the run (same order)."),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _load_run(run_dir: Path, round_: int | None, pool: str | None, debug: bool):
+    from transformers.utils import logging as hf_logging
+
+    from .inference import load
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the answer
+    try:
+        return load(run_dir, checkpoint=round_, pool=pool)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        _error_exit(err, debug)
+
+
+@app.command("generate")
+def generate_command(
+    run_dir: RunDirArg,
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="The prompt (the chat template is applied when the tokenizer has one).")
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max_new_tokens", min=1, help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.")] = 0.0,
+    round_: RoundOpt = None,
+    pool: PoolOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Answer one prompt with a finished run's routed model, streaming tokens to the terminal."""
+    import torch
+    from transformers import TextStreamer
+
+    from .data.collate import encode_prompt, pad_token_id
+
+    model, tokenizer = _load_run(run_dir, round_, pool, debug)
+    input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long)
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            pad_token_id=pad_token_id(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+
+
+def _task_folder_name(task: str) -> str:
+    """``arith`` → arith, ``gsm8k:/data/gsm8k`` → gsm8k, ``mgsm.es:...`` → mgsm.es, ``path/to/file.jsonl`` → file."""
+    import re
+
+    from .data import TASKS
+    from .data.real import parse_real_spec
+
+    if task in TASKS:
+        name = task
+    elif parse_real_spec(task) is not None:
+        name = task.split(":", 1)[0]
+    else:
+        name = Path(task).stem
+    return re.sub(r"[^\w.-]+", "_", name) or "task"
+
+
+@app.command("eval")
+def eval_command(
+    run_dir: RunDirArg,
+    task: Annotated[
+        Optional[str],
+        typer.Option("--task", help="Registered task name or Alpaca-style JSONL file (default: the run's task)."),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="Score only the first N held-out items.")
+    ] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option("--max_new_tokens", min=1, help="Tokens per answer (default: the run's).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch_size", min=1, help="Prompts per generate call.")] = 16,
+    round_: RoundOpt = None,
+    pool: PoolOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Score a finished run on the held-out split of a task; writes eval/<task>/ in the run folder."""
+    import json
+
+    from .data import load_task
+    from .eval import generate_answers
+    from .eval.programs import per_example_scores
+    from .fl.run_folder import atomic_write_bytes, atomic_write_json
+
+    loaded = _load_run(run_dir, round_, pool, debug)
+    config = loaded.config
+    task_name = task or config.task
+    try:
+        spec, _, test = load_task(task_name, seed=config.seed, num_train=config.num_train, num_test=config.num_test)
+    except (FileNotFoundError, ValueError) as err:
+        _error_exit(err, debug)
+    rows = test.select(range(min(limit, len(test)))) if limit else test
+    prompts, refs = list(rows["prompt"]), list(rows["answer"])
+    new_tokens = max_new_tokens or config.max_new_tokens
+    preds = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=new_tokens, batch_size=batch_size)
+    per_item = per_example_scores(spec.metric, preds, rows)  # record-aware: pass@1 runs the programs
+    mean = sum(per_item) / len(per_item) if per_item else 0.0
+    out = loaded.run_dir / "eval" / _task_folder_name(task_name)
+    lines = [
+        json.dumps({"prompt": p, "reference": r, "prediction": y, "score": s}, ensure_ascii=False) + "\n"
+        for p, r, y, s in zip(prompts, refs, preds, per_item, strict=True)
+    ]
+    atomic_write_bytes(out / "predictions.jsonl", "".join(lines).encode())
+    atomic_write_json(
+        out / "scores.json",
+        {
+            "task": task_name,
+            "metric": spec.metric,
+            "score": mean,
+            "n": len(per_item),
+            "round": loaded.round,
+            "max_new_tokens": new_tokens,
+            "seed": config.seed,
+        },
+    )
+    typer.echo(f"{task_name}: {spec.metric} {mean:.4f} on {len(per_item)} held-out items (round {loaded.round})")
+    typer.echo(f"wrote {out / 'predictions.jsonl'} and {out / 'scores.json'}")
+
+
+@app.command("export")
+def export_command(
+    run_dir: RunDirArg,
+    output: Annotated[Path, typer.Option("--output", help="Folder to write the adapter to.", show_default=False)],
+    rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank R of the export (truncated SVD per matrix).")],
+    to: Annotated[str, typer.Option("--to", help="Export format; 'peft' (a PEFT LoRA adapter).")] = "peft",
+    calibration: Annotated[
+        int, typer.Option("--calibration", min=1, help="Training examples of the run's task to average the gates over.")
+    ] = 64,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="Held-out items to score both models on (default: all).")
+    ] = None,
+    max_new_tokens: Annotated[
+        Optional[int],
+        typer.Option("--max_new_tokens", min=1, help="Tokens per answer when scoring (default: the run's)."),
+    ] = None,
+    no_eval: Annotated[bool, typer.Option("--no_eval", help="Only write the adapter; do not score it.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder.")] = False,
+    round_: RoundOpt = None,
+    pool: PoolOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Export the routed mixture of a finished run as a static PEFT LoRA adapter of rank R, and score what it costs."""
+    from .export import compare_scores, export_run, write_report
+
+    if to != "peft":
+        _error_exit(f"--to {to!r}: the only export format is 'peft'")
+    if output.exists() and not overwrite and not (output.is_dir() and not any(output.iterdir())):
+        _error_exit(f"--output {output} already exists (add --overwrite to replace it)")
+    loaded = _load_run(run_dir, round_, pool, debug)
+    try:
+        loaded, report = export_run(
+            run_dir, output, rank=rank, calibration=calibration, overwrite=overwrite, loaded=loaded
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        _error_exit(err, debug)
+    exact = sum(m.rel_error < 1e-6 for m in report.matrices)
+    padded = sum(m.experts < rank for m in report.matrices)
+    typer.echo(
+        f"wrote a PEFT LoRA adapter (r = lora_alpha = {rank}, {len(report.matrices)} matrices) to {report.output}"
+    )
+    typer.echo(
+        f"gates: mean over {report.info['calibration_examples']} training examples; relative truncation error "
+        f"max {report.max_rel_error:.4f}, mean {report.mean_rel_error:.4f}; exact for {exact}/{len(report.matrices)} matrices"
+        + (f"; {padded} matrices have fewer than {rank} experts (zero-padded)" if padded else "")
+    )
+    if no_eval:
+        return
+    scores = compare_scores(loaded, report.output, limit=limit, max_new_tokens=max_new_tokens)
+    table = Table(title=f"held-out {loaded.config.task} ({scores['routed']['metric']})", caption="greedy, same items")
+    for column in ("model", "score", "n"):
+        table.add_column(column)
+    labels = {
+        "base": "base model (no adapter)",
+        "routed": f"routed MoRE (round {loaded.round})",
+        "export": f"static PEFT LoRA r={rank}",
+    }
+    for key in ("base", "routed", "export"):
+        if key in scores:
+            table.add_row(labels[key], f"{scores[key]['score']:.4f}", str(int(scores[key]["n"])))
+    Console().print(table)
+    report.info["scores"] = scores
+    write_report(report)
 
 
 def main() -> None:

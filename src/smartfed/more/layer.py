@@ -52,15 +52,22 @@ class MoreLinear(nn.Module):
         # Frozen, non-persistent: the experts live in the pool files, not in checkpoints.
         self.register_buffer("lora_A", experts.A.to(device=device, dtype=dtype), persistent=False)  # (M, d_in)
         self.register_buffer("lora_B", scaled_b.to(device=device, dtype=dtype), persistent=False)  # (d_out, M)
-        self.register_buffer("expert_norm", scaled_b.norm(dim=0).to(device=device, dtype=torch.float32), persistent=False)  # (M,)
+        self.register_buffer(
+            "expert_norm", scaled_b.norm(dim=0).to(device=device, dtype=torch.float32), persistent=False
+        )  # (M,)
         self.router = Router(self.num_experts, experts.in_features, config, device=device, generator=generator)
         self.track_stats = False
+        self.stat_token_mask: torch.Tensor | None = None  # (batch, seq) attention mask while tracking
         self._init_stats()
 
     def _init_stats(self) -> None:
         device = self.lora_A.device
-        self.register_buffer("stat_gate_mass", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False)
-        self.register_buffer("stat_contribution", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer(
+            "stat_gate_mass", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False
+        )
+        self.register_buffer(
+            "stat_contribution", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False
+        )
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
 
     def reset_stats(self) -> None:
@@ -89,6 +96,10 @@ class MoreLinear(nn.Module):
         g = gates.detach().float().reshape(-1, self.num_experts)  # (N, M)
         a = z.detach().float().abs().reshape(-1, self.num_experts)  # (N, M)
         base_norm = result.detach().float().reshape(-1, result.shape[-1]).norm(dim=-1, keepdim=True)  # (N, 1)
+        mask = self.stat_token_mask
+        if mask is not None and mask.numel() == g.shape[0]:  # padding tokens say nothing about the task
+            keep = mask.reshape(-1).to(torch.bool)  # (N,)
+            g, a, base_norm = g[keep], a[keep], base_norm[keep]
         # ‖b_m (a_m)‖ = |a_m| ‖b_m‖: the norm of a rank-one output without forming it.
         contribution = g * a * self.expert_norm / base_norm.clamp_min(1e-6)  # (N, M)
         self.stat_gate_mass += g.sum(0).double()

@@ -27,6 +27,7 @@ from .pool import LoraPool
 
 ROUTER_CONFIG_KEY = "smartfed.more_config"
 ROUTER_EXPERTS_KEY = "smartfed.num_experts"
+ROUTER_QUOTAS_KEY = "smartfed.quotas"
 
 
 def _check_top_k(module: str, k: object, num_experts: int) -> int:
@@ -55,6 +56,7 @@ class MoreModel(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         self._layer_names: list[str] = []
+        self._tracking = False
         for name, experts in pool.modules.items():
             if self.more_config.selects(name):
                 self._wrap(name, experts, generator)
@@ -98,7 +100,17 @@ class MoreModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        mask = kwargs.get("attention_mask")
+        if not (self._tracking and mask is not None):
+            return self.base_model(*args, **kwargs)
+        layers = self.more_layers().values()
+        for layer in layers:  # so statistics skip padding tokens
+            layer.stat_token_mask = mask
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.stat_token_mask = None
 
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)
@@ -165,6 +177,7 @@ class MoreModel(nn.Module):
             "format": "pt",
             ROUTER_CONFIG_KEY: self.more_config.to_json(),
             ROUTER_EXPERTS_KEY: json.dumps({n: layer.num_experts for n, layer in self.more_layers().items()}),
+            ROUTER_QUOTAS_KEY: json.dumps(self.quotas()),
         }
         state = {k: v.contiguous().cpu() for k, v in self.router_state_dict().items()}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -213,11 +226,13 @@ class MoreModel(nn.Module):
             if reset:
                 layer.reset_stats()
             layer.track_stats = True
+        self._tracking = True
         try:
             yield
         finally:
             for layer in layers:
                 layer.track_stats = False
+            self._tracking = False
 
     def expert_stats(self) -> dict[str, dict[str, torch.Tensor | int]]:
         """Per MoRE matrix: mean gate mass (M,), mean contribution (M,), tokens seen."""
