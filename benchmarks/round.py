@@ -1,0 +1,543 @@
+"""One client's round, SmartFed against FedIT: training-step time, memory and bytes sent up.
+
+Every variant wraps the SAME frozen Llama (SmolLM2-135M's shapes, random weights: the
+parameter tensors are shared, not copied) and trains on the SAME batch:
+
+- LoRA (FedIT): a fresh PEFT LoRA, rank 32, alpha 64 on q_proj and v_proj
+  (``get_peft_model``, dropout 0); it trains and sends A and B.
+- SmartFed: ``attach_more`` over a pool of 2 PEFT adapters (each rank 32, alpha 64 on
+  q_proj and v_proj, random weights, saved to a temporary folder and read back with
+  ``LoraPool.load``), top-K 32 of M = 64 rank-one experts per matrix; it trains and
+  sends only the routers (``router_state_dict``) plus the per-expert importance
+  vector (M floats per matrix). The step runs with expert statistics on, as
+  ``SmartFed.local_train`` does (the importance comes from them).
+
+A step is forward + backward + AdamW step (lr 5e-4), as in ``Method.local_train``.
+After a warm-up the variants' steps are interleaved (the order rotates every
+iteration) and the median of each is reported.
+
+    .venv/bin/python benchmarks/round.py                 # 30 layers, batch 8 x 48 tokens, ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/round.py --quick         # smoke run: 2 layers, tiny batch, seconds
+    .venv/bin/python benchmarks/round.py --layers 4 --repeats 5
+    .venv/bin/python benchmarks/round.py --profile       # also: top ops by self CPU time, one step per variant
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one step above what was
+allocated before it; on CPU (no allocator statistics) the bytes autograd saves for
+backward (``saved_tensors_hooks``, deduplicated by storage, parameters and buffers
+left out). To either is added what each variant keeps resident beside the shared base
+weights: trainable parameters, their gradients, the AdamW state and (SmartFed) the
+frozen experts (layer buffers and the pool, deduplicated by storage).
+
+A benchmark, not a test: the targets are printed next to the measurements, never
+asserted, and the script always exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from smartfed.more import LoraPool, MoreConfig, MoreModel, attach_more
+
+# SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json).
+SMOLLM2_135M = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+}
+RANK, ALPHA = 32, 64
+TARGET_MODULES = ("q_proj", "v_proj")
+POOL_SIZE = 2
+TOP_K = 32
+ROUTERS = ("linear", "rank")
+LEARNING_RATE = 5e-4
+# Targets, SmartFed / LoRA. Time and memory: both pay the frozen base's forward and
+# backward, the router must add nothing on top. Uplink: "far below" read as <= 1/4.
+TIME_TARGET = 1.0
+MEMORY_TARGET = 1.0
+UPLINK_TARGET = 0.25
+LORA = "LoRA (FedIT)"
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], torch.Tensor]  # returns the detached loss
+    router: str | None = None  # None for LoRA
+    times_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # this process's CPU time (all threads) per step
+    loss: float = float("nan")
+    memory: dict[str, int] = field(default_factory=dict)
+    uplink: dict[str, int] = field(default_factory=dict)
+    trainable: int = 0
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over median of the timed steps."""
+        if len(self.times_ms) < 4:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.times_ms, n=4)
+        return (q3 - q1) / self.median_ms
+
+    @property
+    def memory_total(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def uplink_total(self) -> int:
+        return sum(self.uplink.values())
+
+
+# --- model, pool, variants ---------------------------------------------------------------
+def build_base(layers: int, device: torch.device, seed: int) -> LlamaForCausalLM:
+    """A random Llama with SmolLM2-135M's shapes and ``layers`` decoder layers."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **{**SMOLLM2_135M, "num_hidden_layers": layers}, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    model = LlamaForCausalLM(config).to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def share(base: nn.Module) -> nn.Module:
+    """A copy of ``base``'s modules that shares its parameter and buffer tensors (the SAME weights)."""
+    memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return copy.deepcopy(base, memo)
+
+
+def make_adapter(base: nn.Module, path: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter (rank 32, alpha 64, q/v) with random A and B, written by save_pretrained."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=list(TARGET_MODULES), lora_dropout=0.0, init_lora_weights=False
+    )
+    peft_model = get_peft_model(share(base), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:  # small enough that 30 random layers stay finite
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    with warnings.catch_warnings():  # transformers' deprecation notices from inside save_pretrained
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model.save_pretrained(path)
+    return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], around: Callable[[], object]
+) -> Callable[[], torch.Tensor]:
+    """Method.local_train's step: loss, zero_grad(set_to_none), backward, AdamW step."""
+
+    def step() -> torch.Tensor:
+        with around():
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def make_lora(base: nn.Module, batch: dict[str, torch.Tensor]) -> Variant:
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGET_MODULES), lora_dropout=0.0)
+    model = get_peft_model(share(base), config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    step = _train_step(model, optimizer, batch, contextlib.nullcontext)
+    return Variant(LORA, model, optimizer, step, trainable=sum(p.numel() for p in params))
+
+
+def make_smartfed(
+    base: nn.Module, pool: LoraPool, router: str, batch: dict[str, torch.Tensor], *, stats: bool = True
+) -> Variant:
+    model = attach_more(share(base), pool, MoreConfig(top_k=TOP_K, router=router))
+    model.train()
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    # Expert statistics on during every step, as inside SmartFed.local_train (reset=False: they add up here).
+    around = (lambda: model.tracking_expert_stats(reset=False)) if stats else contextlib.nullcontext
+    step = _train_step(model, optimizer, batch, around)
+    return Variant(
+        f"SmartFed {router}", model, optimizer, step, router=router, trainable=sum(p.numel() for p in params)
+    )
+
+
+# --- measurements --------------------------------------------------------------------------
+def _cpu_jiffies() -> tuple[int, int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat, and this process's own; None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    own = os.times()
+    return sum(ticks) - idle, sum(ticks), round((own.user + own.system) * os.sysconf("SC_CLK_TCK"))
+
+
+def _others_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> float | None:
+    """Fraction of all CPU time between the two readings that went to other processes."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
+    return min(max((busy - own) / total, 0.0), 1.0)
+
+
+def time_interleaved(variants: Sequence[Variant], device: torch.device, repeats: int, warmup: int) -> float | None:
+    """Warm up every variant, then time them in turn, rotating the order each iteration."""
+    for _ in range(warmup):
+        for v in variants:
+            v.loss = float(v.step())
+    start = _cpu_jiffies()
+    for i in range(repeats):
+        for j in range(len(variants)):
+            v = variants[(i + j) % len(variants)]
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = v.step()
+            _sync(device)
+            v.times_ms.append((time.perf_counter() - t0) * 1e3)
+            v.cpu_ms.append((time.process_time() - c0) * 1e3)
+            v.loss = float(loss)
+    return _others_share(start, _cpu_jiffies())
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def saved_activation_bytes(v: Variant) -> int:
+    """Bytes autograd saves for backward in one step, per storage, parameters and buffers left out."""
+    skip = {t.untyped_storage().data_ptr() for t in (*v.model.parameters(), *v.model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        v.step()
+    return sum(seen.values())
+
+
+def cuda_step_peak_bytes(v: Variant, device: torch.device) -> int:
+    """Peak CUDA memory of one step above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    v.step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def frozen_expert_tensors(model: MoreModel, device: torch.device) -> list[torch.Tensor]:
+    """What SmartFed keeps on ``device`` beside the base weights: MoRE layer buffers and the pool it holds."""
+    tensors = [b for layer in model.more_layers().values() for b in layer.buffers()]
+    for pm in model.pool.modules.values():
+        tensors += [pm.A, pm.B, pm.scale, pm.adapter_index, pm.rank_index]
+    return [t for t in tensors if t.device.type == device.type]
+
+
+def measure_memory(v: Variant, device: torch.device) -> None:
+    """Fill v.memory; call after warm-up, so that the AdamW state exists."""
+    step_bytes = cuda_step_peak_bytes(v, device) if device.type == "cuda" else saved_activation_bytes(v)
+    params = [p for group in v.optimizer.param_groups for p in group["params"]]
+    state = [t for s in v.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    v.memory = {
+        "trainable": _storage_bytes(params),
+        "grads": _storage_bytes(p.grad for p in params if p.grad is not None),
+        "adamw": _storage_bytes(state),
+        "frozen": _storage_bytes(frozen_expert_tensors(v.model, device)) if isinstance(v.model, MoreModel) else 0,
+        "step": step_bytes,
+    }
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def measure_uplink(v: Variant) -> None:
+    """Bytes a client sends up after its round: SmartFed's routers and importance, FedIT's A and B."""
+    if isinstance(v.model, MoreModel):
+        importance = {name: stats["contribution"] for name, stats in v.model.expert_stats().items()}
+        v.uplink = {"state": _nbytes(v.model.router_state_dict()), "importance": _nbytes(importance)}
+    else:
+        v.uplink = {"state": _nbytes(get_peft_model_state_dict(v.model)), "importance": 0}
+
+
+def profile(variants: Sequence[Variant], rows: int, steps: int) -> str:
+    """Top ops by self CPU time over ``steps`` steps of each variant."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]):  # the profiler's own first-session start-up, discarded
+        variants[0].step()
+    out = []
+    for v in variants:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                v.step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        out += [f"--- profile: {v.name}, {steps} step(s), top {rows} ops by self CPU time ---", table]
+    return "\n".join(out)
+
+
+# --- report --------------------------------------------------------------------------------
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{device.type}: {name} | torch {torch.__version__} | threads {torch.get_num_threads()}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def _verdict(ratio: float, target: float) -> str:
+    return "PASS" if ratio <= target else "MISS"
+
+
+def report(
+    variants: Sequence[Variant],
+    *,
+    device: torch.device,
+    args: argparse.Namespace,
+    base_params: int,
+    base_bytes: int,
+    others: float | None,
+    matrices: int,
+    experts: int,
+) -> str:
+    lora = variants[0]
+    smartfed = variants[1:]
+    step_memory = (
+        "peak CUDA memory of the step above what was allocated before it"
+        if device.type == "cuda"
+        else "activations = bytes saved for backward (per storage, parameters and buffers left out)"
+    )
+    lines = [
+        "SmartFed vs FedIT (fresh PEFT LoRA): one client training step, memory and uplink per round",
+        f"device {machine(device)}",
+        f"model: random Llama, SmolLM2-135M shapes: hidden {SMOLLM2_135M['hidden_size']}, intermediate "
+        f"{SMOLLM2_135M['intermediate_size']}, layers {args.layers}, heads {SMOLLM2_135M['num_attention_heads']}, "
+        f"kv heads {SMOLLM2_135M['num_key_value_heads']}, vocab {SMOLLM2_135M['vocab_size']}, tied embeddings; "
+        f"{base_params:,} parameters ({_mib(base_bytes)} MiB fp32, shared by all variants)",
+        f"batch {args.batch} x {args.seq} tokens (the same for all); step = forward + backward + AdamW(lr {LEARNING_RATE})",
+        f"LoRA: rank {RANK}, alpha {ALPHA}, dropout 0 on {', '.join(TARGET_MODULES)} | SmartFed: pool of {POOL_SIZE} "
+        f"adapters rank {RANK} alpha {ALPHA} on {', '.join(TARGET_MODULES)} -> M = {experts} experts x {matrices} "
+        f"matrices, top-K {TOP_K}, gate scaled_softmax, expert statistics {'on' if args.stats else 'OFF'}",
+        f"timing: median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up step(s)",
+        "",
+        "client training step time",
+    ]
+    header = (
+        f"  {'variant':<16} {'median ms':>10} {'min ms':>9} {'IQR/med':>8} {'CPU ms':>9} {'loss':>7} | "
+        f"{'vs LoRA':>7} {'target':>7} verdict | {'min/min':>7} {'CPU/CPU':>7}"
+    )
+    lines += [header, "  " + "-" * (len(header) - 2)]
+    for v in variants:
+        cpu = statistics.median(v.cpu_ms)
+        row = f"  {v.name:<16} {v.median_ms:10.1f} {min(v.times_ms):9.1f} {v.spread:8.0%} {cpu:9.1f} {v.loss:7.3f} |"
+        if v is not lora:
+            ratio = v.median_ms / lora.median_ms
+            row += (
+                f" {ratio:7.3f} {'<= ' + format(TIME_TARGET, '.2f'):>7} {_verdict(ratio, TIME_TARGET)}    | "
+                f"{min(v.times_ms) / min(lora.times_ms):7.3f} {cpu / statistics.median(lora.cpu_ms):7.3f}"
+            )
+        lines.append(row)
+    share = "n/a" if others is None else f"{others:.0%}"
+    lines += [
+        "  vs LoRA: ratio of the median wall times (the verdict); min/min: of the fastest steps; CPU/CPU: of the "
+        "median CPU times of this process (both less sensitive to other load)",
+        f"  other processes used {share} of the machine's CPU during the timed steps "
+        "(above ~10%, or IQR/med above ~10%: rerun before reading the ratios)",
+        "",
+        f"memory of one step, MiB ({step_memory}; the shared base weights, {_mib(base_bytes)} MiB, left out)",
+    ]
+    header = (
+        f"  {'variant':<16} {'trainable':>9} {'grads':>7} {'AdamW':>7} {'frozen':>7} {'activ.':>8} {'total':>8} | "
+        f"{'vs LoRA':>7} {'target':>7} verdict | {'w/ base':>7}"
+    )
+    lines += [header, "  " + "-" * (len(header) - 2)]
+    for v in variants:
+        m = v.memory
+        row = (
+            f"  {v.name:<16} {_mib(m['trainable']):>9} {_mib(m['grads']):>7} {_mib(m['adamw']):>7} "
+            f"{_mib(m['frozen']):>7} {_mib(m['step']):>8} {_mib(v.memory_total):>8} |"
+        )
+        if v is not lora:
+            ratio = v.memory_total / lora.memory_total
+            with_base = (v.memory_total + base_bytes) / (lora.memory_total + base_bytes)
+            row += f" {ratio:7.3f} {'<= ' + format(MEMORY_TARGET, '.2f'):>7} {_verdict(ratio, MEMORY_TARGET)}    | {with_base:7.3f}"
+        lines.append(row)
+    lines += [
+        "  frozen: SmartFed's stacked experts (layer buffers + the pool it holds); AdamW: exp_avg, exp_avg_sq, step; "
+        "w/ base: the total ratio with the base weights counted",
+        "",
+        "bytes sent up per client per round",
+    ]
+    header = (
+        f"  {'variant':<16} {'state B':>11} {'importance B':>12} {'total B':>11} | {'vs LoRA':>7} {'target':>7} verdict "
+        f"{'LoRA/this':>9} | {'trainable params':>16} {'% of model':>10}"
+    )
+    lines += [header, "  " + "-" * (len(header) - 2)]
+    for v in variants:
+        row = f"  {v.name:<16} {v.uplink['state']:>11,} {v.uplink['importance']:>12,} {v.uplink_total:>11,} |"
+        if v is lora:
+            row += " " * 35 + " |"
+        else:
+            ratio = v.uplink_total / lora.uplink_total
+            row += (
+                f" {ratio:7.3f} {'<= ' + format(UPLINK_TARGET, '.2f'):>7} {_verdict(ratio, UPLINK_TARGET)}    "
+                f"{1 / ratio:8.2f}x |"
+            )
+        row += f" {v.trainable:>16,} {100 * v.trainable / base_params:9.3f}%"
+        lines.append(row)
+    lines.append(
+        "  state: LoRA A and B (get_peft_model_state_dict) or SmartFed router_state_dict(); importance: "
+        f"{experts} float32 per matrix x {matrices} matrices, sent beside the router"
+    )
+    for v in smartfed:
+        ratio = v.uplink_total / lora.uplink_total
+        router_only = v.uplink["state"] / lora.uplink["state"]
+        how = f"{1 / ratio:.2f}x fewer" if ratio < 1 else f"{ratio:.2f}x MORE"
+        lines.append(
+            f"  bytes {v.name}: router {v.uplink['state']:,} B + importance {v.uplink['importance']:,} B = "
+            f"{v.uplink_total:,} B vs LoRA A+B {lora.uplink_total:,} B: {how} than LoRA "
+            f"(router alone {router_only:.3f}x LoRA)"
+        )
+    return "\n".join(lines)
+
+
+# --- entry point ---------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"], help="decoder layers")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (the paper's reference: 16)")
+    parser.add_argument("--seq", type=int, default=48, help="tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 12; quick: 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per variant first (default 2; quick: 1)"
+    )
+    parser.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-stats",
+        dest="stats",
+        action="store_false",
+        help="SmartFed steps without expert statistics (the importance it sends comes from them; for attribution)",
+    )
+    parser.add_argument("--profile", action="store_true", help="print the top ops by self CPU time of one step each")
+    parser.add_argument("--profile-rows", type=int, default=12)
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps per variant under the profiler")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers, batch 2 x 16, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.batch, args.seq = 2, 2, 16
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 12
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.layers < 1 or args.batch < 1 or args.seq < 2 or args.repeats < 1 or args.warmup < 1:
+        parser.error("--layers, --batch, --repeats and --warmup must be >= 1 and --seq >= 2")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # transformers 5 warns about its own deprecated call inside every forward of a PEFT model
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    base = build_base(args.layers, device, args.seed)
+    base_params = sum(p.numel() for p in base.parameters())
+    base_bytes = _storage_bytes(base.parameters())
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    input_ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen).to(device)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+    with tempfile.TemporaryDirectory(prefix="smartfed-round-") as tmp:
+        paths = [make_adapter(base, Path(tmp) / f"adapter{i}", seed=args.seed + 10 + i) for i in range(POOL_SIZE)]
+        pool = LoraPool.load(paths)
+    variants = [make_lora(base, batch)]
+    variants += [make_smartfed(base, pool, router, batch, stats=args.stats) for router in args.routers]
+    layers = next(iter(variants[1].model.more_layers().values())) if len(variants) > 1 else None
+    experts = layers.num_experts if layers is not None else RANK * POOL_SIZE
+
+    others = time_interleaved(variants, device, args.repeats, args.warmup)
+    for v in variants:
+        measure_memory(v, device)
+        measure_uplink(v)
+    print(
+        report(
+            variants,
+            device=device,
+            args=args,
+            base_params=base_params,
+            base_bytes=base_bytes,
+            others=others,
+            matrices=len(pool.modules),
+            experts=experts,
+        ),
+        flush=True,
+    )
+    if args.profile:
+        print("\n" + profile(variants, args.profile_rows, args.profile_steps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
