@@ -59,6 +59,35 @@ def make_adapter(
     return path
 
 
+def save_tiny_assets(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny Llama saved as a transformers folder (with the char tokenizer) and two PEFT adapters for it.
+
+    Returns (model folder, adapter 'math', adapter 'json').
+    """
+    from smartfed.data import char_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    a = make_adapter(model, root / "math", r=4, alpha=8, seed=1)
+    b = make_adapter(model, root / "json", r=4, alpha=8, seed=2)
+    return root / "model", a, b
+
+
 @pytest.fixture
 def llama() -> Callable[[], LlamaForCausalLM]:
     """A factory of identical fresh tiny Llamas (each test wraps its own copy)."""

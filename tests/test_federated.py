@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from smartfed.cli import app
-from smartfed.data import char_tokenizer
 from smartfed.fl.run_config import RunConfig
 from smartfed.fl.simulation import run_simulation
 
-from .conftest import make_adapter
+from .conftest import save_tiny_assets
 
 ROW_FIELDS = {
     "round",
@@ -43,26 +41,8 @@ ROW_FIELDS = {
 def assets(tmp_path_factory) -> dict[str, str]:
     """A tiny Llama saved as a transformers folder (with a char tokenizer) and two PEFT adapters for it."""
     root = tmp_path_factory.mktemp("assets")
-    torch.manual_seed(0)
-    tokenizer = char_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    a = make_adapter(model, root / "math", r=4, alpha=8, seed=1)
-    b = make_adapter(model, root / "json", r=4, alpha=8, seed=2)
-    return {"model": str(root / "model"), "pool": f"{a},{b}", "root": str(root)}
+    model_dir, a, b = save_tiny_assets(root)
+    return {"model": str(model_dir), "pool": f"{a},{b}", "root": str(root)}
 
 
 def _config(assets, output_dir: Path, **overrides) -> RunConfig:

@@ -10,18 +10,17 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import smartfed
 from smartfed.cli import app
-from smartfed.data import char_tokenizer
 from smartfed.fl.run_config import RunConfig
 from smartfed.fl.run_folder import RunFolder
 from smartfed.fl.simulation import run_simulation
 from smartfed.more import LoraPool, MoreConfig, attach_more
 
-from .conftest import make_adapter
+from .conftest import save_tiny_assets
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _SHARED: dict[str, Any] = {}
@@ -31,28 +30,10 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One tiny federation for the whole session (4 clients, 2 rounds, EEQA on), shared by both test files."""
     if not _SHARED:
         root = tmp_path_factory.mktemp("finished")
-        torch.manual_seed(0)
-        tokenizer = char_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = LlamaForCausalLM(config)
-        model.save_pretrained(root / "model")
-        tokenizer.save_pretrained(root / "model")
-        a = make_adapter(model, root / "math", r=4, alpha=8, seed=1)
-        b = make_adapter(model, root / "json", r=4, alpha=8, seed=2)
+        model_dir, a, b = save_tiny_assets(root)
         run = root / "run"
         run_config = RunConfig(
-            model_name_or_path=str(root / "model"),
+            model_name_or_path=str(model_dir),
             lora_pool=f"{a},{b}",
             task="arith",
             num_clients=4,
@@ -72,7 +53,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             output_dir=str(run),
         )
         run_simulation(run_config, progress=False)
-        _SHARED.update(root=root, model=root / "model", adapters=(a, b), run=run, config=run_config)
+        _SHARED.update(root=root, model=model_dir, adapters=(a, b), run=run, config=run_config)
     return _SHARED
 
 
