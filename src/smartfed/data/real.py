@@ -97,7 +97,7 @@ from typing import Any, get_args
 import datasets
 from datasets import Dataset, Features, Value
 
-from .tasks import FEATURES, MetricName, Task, _check_count
+from .tasks import FEATURES, MetricName, Task, _check_count, iter_jsonl_objects
 
 REAL_METRICS: tuple[str, ...] = (
     "final_number",
@@ -158,24 +158,9 @@ def _read_text(file: Path) -> bytes:
 
 
 def _iter_jsonl(file: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, object)`` for every non-blank line; ``where`` is ``file:line``."""
+    """``(where, object)`` for every non-blank line (``.gz`` read transparently); ``where`` is ``file:line``."""
     found = False
-    for lineno, raw in enumerate(_read_text(file).split(b"\n"), start=1):
-        where = f"{file}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from err
-        if lineno == 1:
-            line = line.removeprefix("\ufeff")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for where, record in iter_jsonl_objects(_read_text(file), file):
         found = True
         yield where, record
     if not found:

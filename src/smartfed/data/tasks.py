@@ -27,7 +27,7 @@ import json
 import os
 import random
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -314,6 +314,31 @@ def _is_path_like(task: str) -> bool:
     return task.endswith((".jsonl", ".json")) or "/" in task or os.sep in task or Path(task).exists()
 
 
+def iter_jsonl_objects(data: bytes, file: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for every non-blank line of JSONL bytes; ``where`` is ``file:line``.
+
+    Errors name the file and the 1-based line: bytes that are not UTF-8, a line
+    that is not JSON, a line that is not a JSON object. A leading BOM is dropped.
+    """
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{file}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from err
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
 def read_alpaca_jsonl(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Read Alpaca-style records (``instruction``, optional ``input``, ``output``) from a JSONL file.
 
@@ -333,24 +358,7 @@ def read_alpaca_jsonl(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     if not file.is_file():
         raise ValueError(f"JSONL task file {str(file)!r} is not a regular file")
     records = []
-    for lineno, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
-        where = f"{file}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from err
-        if lineno == 1:
-            line = line.removeprefix("\ufeff")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{where}: expected a JSON object with 'instruction' and 'output', got {type(record).__name__}"
-            )
+    for where, record in iter_jsonl_objects(file.read_bytes(), file):
         for key in ("instruction", "output"):
             if key not in record:
                 raise ValueError(f"{where}: record has no {key!r} field (fields: {sorted(record)})")
