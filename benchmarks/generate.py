@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +46,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from smartfed.benchmarking import cpu_jiffies as _cpu_jiffies
+from smartfed.benchmarking import machine_line as machine
+from smartfed.benchmarking import others_share as _others_share
+from smartfed.benchmarking import spread as _spread
 from smartfed.more import LoraPool, MoreConfig, attach_more
 
 TARGET = 0.8  # routed / merged tokens/s at batch 1
@@ -134,26 +136,6 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _cpu_jiffies() -> tuple[int, int, int] | None:
-    """(busy, total) jiffies of the whole machine from /proc/stat, and this process's own; None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            ticks = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    own = os.times()
-    return sum(ticks) - idle, sum(ticks), round((own.user + own.system) * os.sysconf("SC_CLK_TCK"))
-
-
-def _others_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> float | None:
-    """Fraction of all CPU time between the two readings that went to other processes."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
-    return min(max((busy - own) / total, 0.0), 1.0)
-
-
 @dataclass
 class Row:
     batch: int
@@ -165,13 +147,6 @@ class Row:
 
     def tokens_per_s(self, variant: str) -> float:
         return self.batch * self.new_tokens / self.seconds[variant]
-
-
-def _spread(samples: list[float]) -> float:
-    if len(samples) < 4:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(samples, n=4)
-    return (q3 - q1) / statistics.median(samples)
 
 
 def bench_batch(models: dict[str, nn.Module], batch: int, args: argparse.Namespace, device: torch.device) -> Row:
@@ -201,19 +176,6 @@ def bench_batch(models: dict[str, nn.Module], batch: int, args: argparse.Namespa
         spread=max(_spread(t) for t in times.values()),
         others=others,
     )
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{device.type}: {name} | torch {torch.__version__} | threads {torch.get_num_threads()}"
 
 
 def format_table(rows: Sequence[Row]) -> str:

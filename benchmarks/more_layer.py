@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from smartfed.benchmarking import cpu_jiffies as _cpu_jiffies
+from smartfed.benchmarking import machine_line as machine
+from smartfed.benchmarking import others_share as _others_share
+from smartfed.benchmarking import spread as _spread
 from smartfed.more.config import MoreConfig
 from smartfed.more.layer import MoreLinear
 from smartfed.more.pool import PoolModule
@@ -134,34 +136,6 @@ def _timed(step: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _spread(samples: list[float]) -> float:
-    """Interquartile range over median: how much the machine moved under the timings."""
-    if len(samples) < 4:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(samples, n=4)
-    return (q3 - q1) / statistics.median(samples)
-
-
-def _cpu_jiffies() -> tuple[int, int, int] | None:
-    """(busy, total) jiffies of the whole machine from /proc/stat, and this process's own; None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            ticks = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    own = os.times()
-    return sum(ticks) - idle, sum(ticks), round((own.user + own.system) * os.sysconf("SC_CLK_TCK"))
-
-
-def _others_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> float | None:
-    """Fraction of all CPU time between the two readings that went to other processes."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
-    return min(max((busy - own) / total, 0.0), 1.0)
-
-
 def time_side_by_side(
     lora: Callable[[], None], more: Callable[[], None], device: torch.device, repeats: int, warmup: int
 ) -> tuple[float, float, float, float | None]:
@@ -248,19 +222,6 @@ def bench_one(
         noise=noise,
         others=others,
     )
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{device.type}: {name} | torch {torch.__version__} | threads {torch.get_num_threads()}"
 
 
 def _pct(share: float | None) -> str:

@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,6 +51,9 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from smartfed.benchmarking import cpu_jiffies as _cpu_jiffies
+from smartfed.benchmarking import machine_line as machine
+from smartfed.benchmarking import others_share as _others_share
 from smartfed.more import LoraPool, MoreConfig, MoreModel, attach_more
 
 # SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json).
@@ -200,26 +201,6 @@ def make_smartfed(
 
 
 # --- measurements --------------------------------------------------------------------------
-def _cpu_jiffies() -> tuple[int, int, int] | None:
-    """(busy, total) jiffies of the whole machine from /proc/stat, and this process's own; None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            ticks = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    own = os.times()
-    return sum(ticks) - idle, sum(ticks), round((own.user + own.system) * os.sysconf("SC_CLK_TCK"))
-
-
-def _others_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> float | None:
-    """Fraction of all CPU time between the two readings that went to other processes."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
-    return min(max((busy - own) / total, 0.0), 1.0)
-
-
 def time_interleaved(variants: Sequence[Variant], device: torch.device, repeats: int, warmup: int) -> float | None:
     """Warm up every variant, then time them in turn, rotating the order each iteration."""
     for _ in range(warmup):
@@ -326,19 +307,6 @@ def profile(variants: Sequence[Variant], rows: int, steps: int) -> str:
 
 
 # --- report --------------------------------------------------------------------------------
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{device.type}: {name} | torch {torch.__version__} | threads {torch.get_num_threads()}"
-
-
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
