@@ -44,10 +44,6 @@ from .more.model import ROUTER_CONFIG_KEY, ROUTER_EXPERTS_KEY, ROUTER_QUOTAS_KEY
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-from .more.model import ROUTER_QUOTAS_KEY
-
-"""Optional metadata key of a router file: per-matrix quotas (JSON), read when present."""
-
 PoolSource = LoraPool | str | os.PathLike | Sequence[str | os.PathLike]
 
 

@@ -57,7 +57,15 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     arrays = msg.content[keys.ARRAYS].to_torch_state_dict()
     state_keys = set(method.get_state(model))
     method.set_state(model, {k: v for k, v in arrays.items() if k in state_keys})
-    train_config = LocalTrainConfig(config.learning_rate, config.weight_decay, budget=config.budgets()[pid])
+    train_config = LocalTrainConfig(
+        config.learning_rate,
+        config.weight_decay,
+        budget=config.budgets()[pid],
+        partition=pid,
+        server_round=server_round,
+    )
+    private = context.state.get(keys.PRIVATE)  # kept by Flower per node across rounds
+    method.set_private_state(model, private.to_torch_state_dict() if private is not None else None)
     method.prepare_round(model, payload, {k: v for k, v in arrays.items() if k not in state_keys}, train_config)
 
     data = local_data(context, runtime, pid)
@@ -72,6 +80,9 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     result = method.local_train(model, local_batches, train_config)
     state = {k: v.detach().cpu().contiguous() for k, v in result.state.items()}
     extras = {k: v.detach().cpu().contiguous() for k, v in result.extras.items()}
+    kept = method.get_private_state(model)
+    if kept:
+        context.state[keys.PRIVATE] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in kept.items()})
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: len(data),

@@ -12,3 +12,4 @@ PAYLOAD = "payload"  # JSON string of the method's server payload (e.g. quotas)
 PARTITION_ID = "partition-id"  # node config key (Flower's convention) and query reply
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"  # optional node config key: the node's own Alpaca-style JSONL file
+PRIVATE = "smartfed-private"  # context.state ArrayRecord: tensors a client keeps between rounds, never sent

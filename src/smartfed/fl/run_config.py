@@ -43,6 +43,14 @@ class RunConfig:
     topk_experts: int = field(default=32, metadata={"help": "Experts kept per token per matrix (K)."})
     router: RouterType = field(default="linear", metadata={"help": "MoRE router: 'linear' or 'rank'."})
     gate: GateType = field(default="scaled_softmax", metadata={"help": "MoRE gate function."})
+    lora_rank: int = field(default=16, metadata={"help": "Rank of LoRAs trained from scratch (fedit, flora, ...)."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha of LoRAs trained from scratch."})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated module names a from-scratch LoRA targets."}
+    )
+    method_options: str = field(
+        default="", metadata={"help": "Method-specific options 'key=value,...' (see `smartfed methods`)."}
+    )
     enable_eeqa: bool = field(default=False, metadata={"help": "Re-allocate quotas across matrices with EEQA."})
     eeqa_period: int = field(default=1, metadata={"help": "Run EEQA every this many rounds."})
     eeqa_k_min: int = field(default=1, metadata={"help": "Smallest quota of a matrix under EEQA."})
@@ -82,6 +90,7 @@ class RunConfig:
             "max_length",
             "max_new_tokens",
             "eval_every",
+            "lora_rank",
         )
         for name in positive:
             value = getattr(self, name)
@@ -95,6 +104,10 @@ class RunConfig:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
         if self.weight_decay < 0 or self.eeqa_k_max < 0:
             raise ValueError(f"weight_decay={self.weight_decay!r} and eeqa_k_max={self.eeqa_k_max!r} must be >= 0")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
+        if not [m for m in self.lora_target_modules.split(",") if m.strip()]:
+            raise ValueError(f"lora_target_modules={self.lora_target_modules!r} names no module")
         if not self.alpha > 0:
             raise ValueError(f"alpha={self.alpha!r} must be > 0")
         _choice("router", self.router, RouterType)

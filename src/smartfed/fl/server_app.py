@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from ..eval import evaluate_task
+from ..methods import ClientUpdate
 from . import keys
 from .energy import EnergyMeter
 from .run_config import RunConfig
@@ -43,6 +44,12 @@ def _evaluate(runtime: Runtime) -> dict[str, float]:
             batch_size=16,
         )
     return {"score": float(result["score"]), "n": int(result["n"])}
+
+
+def weighted_loss(updates: list[ClientUpdate]) -> float:
+    """The clients' training loss averaged by examples (as FedAvg weighs them)."""
+    total = sum(u.num_examples for u in updates)
+    return sum(u.train_loss * u.num_examples for u in updates) / max(total, 1)
 
 
 def _restore(folder: RunFolder, runtime: Runtime) -> tuple[int, dict[str, Any], dict[str, torch.Tensor], list]:
@@ -91,10 +98,10 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         train_config = ConfigRecord({keys.PAYLOAD: json.dumps(payload, sort_keys=True)})
         messages = strategy.configure_train(server_round, ArrayRecord(torch_state_dict=down), train_config, grid)
         replies = list(grid.send_and_receive(messages, timeout=strategy.timeout))
-        aggregated, metrics = strategy.aggregate_train(server_round, replies)
-        if aggregated is None:
+        updates = strategy.client_updates(replies)
+        if not updates:
             raise RuntimeError(f"round {server_round}: no client replied with a valid update")
-        merged = aggregated.to_torch_state_dict()
+        merged = method.aggregate(updates)
         method.set_state(model, {k: merged[k] for k in state})
         update = method.server_update(server_round, model, {k: v for k, v in merged.items() if k not in state})
         payload, extras = update.payload, update.extras
@@ -106,7 +113,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
             "round": server_round,
             "clients": strategy.sample_partitions(server_round),
             "clients_replied": len(ok),
-            "train_loss": float(metrics[keys.TRAIN_LOSS]) if metrics else None,
+            "train_loss": weighted_loss(updates),
             "bytes_down_per_client": tensor_bytes(down),
             "bytes_down": tensor_bytes(down) * len(replies),
             "bytes_up_state": sum(up_state),

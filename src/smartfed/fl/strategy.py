@@ -4,8 +4,8 @@ Flower's simulation gives nodes random ids each run, and ``FedAvg`` samples
 with the global ``random``; a resumed run would then train other clients than
 the run it continues. So the strategy first asks every node for its
 ``partition-id`` (a QUERY message) and samples partitions with an RNG seeded by
-(seed, round). Aggregation is FedAvg's: arrays (router and importance) and
-metrics averaged by ``num-examples``.
+(seed, round). Aggregation is the method's (``Method.aggregate``, FedAvg by
+default); the strategy turns replies into ``ClientUpdate``s sorted by partition.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from ..methods import ClientUpdate
 from . import keys
 from .runtime import derive_seed
 
@@ -66,6 +67,24 @@ class SmartFedStrategy(FedAvg):
         if missing:
             raise RuntimeError(f"no client answered for partition(s) {missing[:10]}")
         return self.node_of_partition
+
+    def client_updates(self, replies: Iterable[Message]) -> list[ClientUpdate]:
+        """The replies without errors, as the method's aggregation sees them (partition, arrays, weight)."""
+        partition_of_node = {node: pid for pid, node in self.node_of_partition.items()}
+        updates = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = reply.content[keys.METRICS]
+            updates.append(
+                ClientUpdate(
+                    partition=partition_of_node[reply.metadata.src_node_id],
+                    arrays=reply.content[keys.ARRAYS].to_torch_state_dict(),
+                    num_examples=int(metrics[keys.NUM_EXAMPLES]),
+                    train_loss=float(metrics[keys.TRAIN_LOSS]),
+                )
+            )
+        return sorted(updates, key=lambda u: u.partition)  # arrival order must not change the result
 
     def sample_partitions(self, server_round: int) -> list[int]:
         rng = random.Random(derive_seed(self.seed, "sample", server_round))

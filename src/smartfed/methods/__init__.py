@@ -1,6 +1,7 @@
 """Federated methods on one runtime: a registry, one file per method."""
 
-from .base import LocalResult, LocalTrainConfig, Method, ServerUpdate
+from .aggregation import Combine, weighted_mean
+from .base import ClientUpdate, LocalResult, LocalTrainConfig, Method, ServerUpdate, parse_options
 from .registry import METHODS, get_method_class, list_methods, register_method
 
 
@@ -11,6 +12,8 @@ def load_builtin_methods() -> None:
 
 __all__ = [
     "METHODS",
+    "ClientUpdate",
+    "Combine",
     "LocalResult",
     "LocalTrainConfig",
     "Method",
@@ -18,5 +21,7 @@ __all__ = [
     "get_method_class",
     "list_methods",
     "load_builtin_methods",
+    "parse_options",
     "register_method",
+    "weighted_mean",
 ]

@@ -9,14 +9,17 @@ they only move these tensors (arrays, never pickles) and call these hooks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from ..more import LoraPool
+from .aggregation import Combine, weighted_mean
+
+OptionsT = TypeVar("OptionsT")
 
 
 @dataclass
@@ -27,6 +30,16 @@ class LocalResult:
     num_examples: int
     train_loss: float
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # also averaged, by examples
+
+
+@dataclass
+class ClientUpdate:
+    """One client's reply as the server's aggregation sees it."""
+
+    partition: int  # the client's partition id (stable across runs, unlike Flower node ids)
+    arrays: dict[str, torch.Tensor]  # state + extras, as sent
+    num_examples: int
+    train_loss: float
 
 
 @dataclass
@@ -43,6 +56,36 @@ class LocalTrainConfig:
     learning_rate: float
     weight_decay: float = 0.0
     budget: float = 1.0  # the client's budget β ∈ (0, 1] (A³SMoE-style heterogeneity)
+    partition: int = 0  # the client's partition id (per-client rules: clusters, ranks)
+    server_round: int = 1
+
+
+def parse_options(options_type: type[OptionsT], text: str, *, method: str) -> OptionsT:
+    """``"key=value,key=value"`` (``--method_options``) into the method's options dataclass.
+
+    Values are converted to the field's default type; unknown keys and bad
+    values raise an error that names the method, the key and the value.
+    """
+    known = {f.name: f for f in fields(options_type)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise ValueError(f"--method_options for {method!r}: bad item {item!r}; known keys: {sorted(known)}")
+        default = known[key].default
+        try:
+            if isinstance(default, bool):
+                if raw.strip().lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                values[key] = raw.strip().lower() in ("true", "1")
+            else:
+                values[key] = type(default)(raw.strip()) if default is not None else raw.strip()
+        except ValueError:
+            raise ValueError(
+                f"--method_options for {method!r}: {key}={raw!r} is not a valid {type(default).__name__}"
+            ) from None
+    return options_type(**values)
 
 
 class Method(ABC):
@@ -62,6 +105,25 @@ class Method(ABC):
     @abstractmethod
     def set_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         """Load the server's state into the client model."""
+
+    def get_private_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors a client keeps between rounds and never sends (e.g. FedSA-LoRA's B); none by default."""
+        return {}
+
+    def set_private_state(self, model: nn.Module, private: Mapping[str, torch.Tensor] | None) -> None:  # noqa: B027
+        """Restore this client's kept tensors; ``None`` on its first round (reset them to their init).
+
+        Called on every training round: one process may serve many simulated clients with one model.
+        """
+
+    def aggregate(self, updates: Sequence[ClientUpdate], combine: Combine = weighted_mean) -> dict[str, torch.Tensor]:
+        """Server aggregation of the clients' arrays (state and extras).
+
+        FedAvg by default: ``combine`` is the example-weighted mean, or a robust
+        replacement chosen by flag (median, trimmed mean). Methods whose clients
+        send differently shaped or non-averageable tensors override this.
+        """
+        return combine([u.arrays for u in updates], [float(u.num_examples) for u in updates])
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
