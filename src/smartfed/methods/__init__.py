@@ -7,7 +7,10 @@ from .registry import METHODS, get_method_class, list_methods, register_method
 
 def load_builtin_methods() -> None:
     """Import the method files so they register themselves (explicit, not at package import)."""
-    from . import smartfed  # noqa: F401
+    from . import (
+        fedit,  # noqa: F401
+        smartfed,  # noqa: F401
+    )
 
 
 __all__ = [
