@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 pool_app = typer.Typer(help="Inspect LoRA pools.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
+zoo_app = typer.Typer(help="The example LoRA pool of the default benchmark.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
 
 
 @app.command()
@@ -117,8 +119,9 @@ def _run(
 def _check_paths(config) -> None:
     """Fail before starting Flower when a local path the run needs is missing."""
     from .more import LoraPool
+    from .zoo import resolve_pool
 
-    LoraPool.load(config.lora_pool)  # names the missing or broken adapter
+    LoraPool.load(resolve_pool(config.lora_pool))  # names the missing or broken adapter
     model = Path(config.model_name_or_path).expanduser()
     if config.model_name_or_path.startswith((".", "/", "~")) and not model.exists():
         raise FileNotFoundError(f"--model_name_or_path {config.model_name_or_path}: no such folder")
@@ -129,6 +132,65 @@ _run.__signature__ = inspect.signature(_run).replace(  # type: ignore[attr-defin
     + _run_options()
 )
 app.command("run")(_run)
+
+
+def _dataclass_options(cls: type) -> list[inspect.Parameter]:
+    """One ``--field`` option per dataclass field, with the field's help (used by ``zoo build``)."""
+    params = []
+    for f in fields(cls):
+        option = typer.Option(f.default, f"--{f.name}", help=f.metadata.get("help", ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=type(f.default)))
+    return params
+
+
+def _zoo_build(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Zoo folder (default: the repository's zoo/).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    **values: Any,
+) -> None:
+    """Train the skill adapters of the default benchmark with PEFT and write them with a manifest."""
+    import sys
+
+    from .zoo import ZooConfig, build_zoo, default_zoo_dir
+
+    try:
+        config = ZooConfig(**values)
+    except ValueError as err:
+        _error_exit(err, debug)
+    folder = out or default_zoo_dir()
+    manifest = build_zoo(config, folder, command=" ".join(["smartfed", *sys.argv[1:]]))
+    table = Table(title=f"zoo: {folder}")
+    for column in ("adapter", "own skill", *next(iter(manifest["adapters"].values()))["scores"], "MB"):
+        table.add_column(column)
+    for name, info in manifest["adapters"].items():
+        own = info["scores"][info["task"]]
+        table.add_row(name, f"{own:.3f}", *(f"{v:.3f}" for v in info["scores"].values()), f"{info['bytes'] / 2**20:.1f}")
+    Console().print(table)
+
+
+def _zoo_signature() -> inspect.Signature:
+    from .zoo import ZooConfig
+
+    base = [p for p in inspect.signature(_zoo_build).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    return inspect.signature(_zoo_build).replace(parameters=base + _dataclass_options(ZooConfig))
+
+
+_zoo_build.__signature__ = _zoo_signature()  # type: ignore[attr-defined]
+zoo_app.command("build")(_zoo_build)
+
+
+@zoo_app.command("list")
+def zoo_list(folder: Annotated[Optional[Path], typer.Argument(help="Zoo folder.")] = None) -> None:
+    """The adapters of the zoo with their manifest scores."""
+    from .zoo import read_manifest
+
+    try:
+        manifest = read_manifest(folder)
+    except (FileNotFoundError, ValueError) as err:
+        _error_exit(err)
+    for name, info in manifest["adapters"].items():
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in info["scores"].items())
+        Console().print(f"zoo:{name}  task={info['task']}  {scores}  ({info['bytes'] / 2**20:.1f} MB)")
 
 
 @app.command("methods")

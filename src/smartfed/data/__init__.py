@@ -1,5 +1,6 @@
 """Instruction data for SmartFed: tasks, federated partitions, training batches, a test tokenizer."""
 
+from . import composite  # noqa: F401 (registers the default benchmark's skills and compositions)
 from .collate import (
     IGNORE_INDEX,
     batches,

@@ -34,8 +34,10 @@ from typing import Any, Literal, get_args
 
 from datasets import Dataset, Features, Value
 
-MetricName = Literal["exact_match", "numeric", "rouge_l"]
+MetricName = Literal["exact_match", "numeric", "rouge_l", "json_answer"]
 Builder = Callable[[int, int], Dataset]
+Splitter = Callable[[int, int, int], tuple[Dataset, Dataset]]
+"""``(seed, num_train, num_test) -> (train, test)`` raw records, for tasks whose split is part of their design."""
 
 COLUMNS: tuple[str, ...] = ("prompt", "answer", "label")
 """The columns of every dataset ``load_task`` returns."""
@@ -130,6 +132,7 @@ class TaskSpec:
 
     task: Task
     builder: Builder
+    splitter: Splitter | None = None  # when set, the task owns its train/test split (e.g. fixed held-out items)
 
     def build(self, num_examples: int, seed: int) -> Dataset:
         """Call the builder and check it returned a ``datasets.Dataset``."""
@@ -153,12 +156,16 @@ def register_task(
     answer_field: str = "answer",
     label_field: str | None = None,
     description: str | None = None,
+    splitter: Splitter | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering a builder ``(num_examples, seed) -> datasets.Dataset`` under ``name``.
 
     The builder must be deterministic in ``seed`` and may repeat prompts
     (``load_task`` deduplicates). ``description`` defaults to the first line of
-    the builder's docstring. The remaining arguments are the ``Task`` fields.
+    the builder's docstring. ``splitter``, when given, makes the train/test split
+    itself (``load_task`` then only deduplicates and checks that no test prompt
+    is in train): tasks whose held-out items must stay fixed across seeds. The
+    remaining arguments are the ``Task`` fields.
     """
 
     def decorate(builder: Builder) -> Builder:
@@ -179,7 +186,7 @@ def register_task(
             label_field=label_field,
             description=text,
         )
-        TASKS[name] = TaskSpec(task=task, builder=builder)
+        TASKS[name] = TaskSpec(task=task, builder=builder, splitter=splitter)
         return builder
 
     return decorate
@@ -290,7 +297,25 @@ def _to_dataset(examples: list[dict[str, Any]]) -> Dataset:
     return Dataset.from_dict({c: [e[c] for e in examples] for c in COLUMNS}, features=FEATURES)
 
 
+def _load_split(spec: TaskSpec, seed: int, num_train: int, num_test: int) -> tuple[Dataset, Dataset]:
+    assert spec.splitter is not None
+    raw_train, raw_test = spec.splitter(seed, num_train, num_test)
+    train = _dedup(spec.task.make_example(r) for r in raw_train.to_list())
+    test = _dedup(spec.task.make_example(r) for r in raw_test.to_list())
+    overlap = {e["prompt"] for e in train} & {e["prompt"] for e in test}
+    if overlap:
+        raise ValueError(f"task {spec.task.name!r}: its splitter put {len(overlap)} test prompt(s) in train")
+    if len(train) < num_train or len(test) < num_test:
+        raise ValueError(
+            f"task {spec.task.name!r} has only {len(train)} train / {len(test)} test items; "
+            f"asked for num_train={num_train}, num_test={num_test}"
+        )
+    return _to_dataset(train[:num_train]), _to_dataset(test[:num_test])
+
+
 def _load_registered(spec: TaskSpec, seed: int, num_train: int, num_test: int) -> tuple[Dataset, Dataset]:
+    if spec.splitter is not None:
+        return _load_split(spec, seed, num_train, num_test)
     needed = num_train + num_test
     draws = needed + needed // 2 + 16
     found, used = -1, 0

@@ -8,6 +8,7 @@ per-example functions.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -77,10 +78,45 @@ def rouge_l(pred: str, ref: str) -> float:
     return float(_rouge_scorer().score(ref, pred)["rougeL"].fmeasure)
 
 
+def _json_answer_value(text: str) -> object:
+    """The ``"answer"`` of the first JSON object in ``text`` (a missing key gives a sentinel)."""
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON object")
+    obj, _ = json.JSONDecoder().raw_decode(text[start:])
+    if not isinstance(obj, dict) or "answer" not in obj:
+        raise ValueError("no 'answer' key")
+    return obj["answer"]
+
+
+def json_answer(pred: str, ref: str) -> float:
+    """1.0 when ``pred`` holds a JSON object whose ``"answer"`` equals the reference object's, else 0.0.
+
+    The form skill of the default benchmark (DESIGN.md §6): ``{"answer": 68}``
+    matches ``{ "answer" : 68 }`` and ``{"answer": 68.0}`` (numbers compare with
+    the tolerance of ``numeric_match``), but not ``68``, ``{"answer": "68"}``
+    or invalid JSON. Text after the object is ignored.
+    """
+    try:
+        got, want = _json_answer_value(pred), _json_answer_value(ref)
+    except ValueError:  # json.JSONDecodeError is a ValueError
+        return 0.0
+    numbers = (int, float)
+    if (
+        isinstance(got, numbers)
+        and isinstance(want, numbers)
+        and not isinstance(got, bool)
+        and not isinstance(want, bool)
+    ):
+        return float(math.isclose(got, want, rel_tol=NUMERIC_REL_TOL, abs_tol=NUMERIC_ABS_TOL))
+    return float(type(got) is type(want) and got == want)
+
+
 METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "numeric": numeric_match,
     "rouge_l": rouge_l,
+    "json_answer": json_answer,
 }
 """Metric name → per-example function ``(pred, ref) -> float`` in [0, 1]."""
 

@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from ..data import Task, load_task, partition_dataset
 from ..methods import Method, get_method_class, load_builtin_methods
+from ..models import resolve_model
 from ..more import LoraPool
+from ..zoo import resolve_pool
 from .run_config import RunConfig
 
 _LOCK = threading.Lock()
@@ -45,9 +47,13 @@ def derive_seed(*parts: object) -> int:
 
 
 def load_model_and_tokenizer(model_name_or_path: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A transformers causal LM and its tokenizer, from a local folder or a Hub id."""
+    """A transformers causal LM and its tokenizer: a folder, a Hub id, a ``.gguf`` file or ``smollm2-135m``.
+
+    GGUF models are de-quantised once into a cached folder (``smartfed.models``).
+    """
     if not model_name_or_path:
         raise ValueError("--model_name_or_path is required")
+    model_name_or_path = resolve_model(model_name_or_path)
     local = Path(model_name_or_path).expanduser()
     if not local.exists() and model_name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {model_name_or_path} does not exist")
@@ -67,7 +73,7 @@ def build_runtime(config: RunConfig) -> Runtime:
     config.require_sources()
     method = get_method_class(config.method)(config)
     model, tokenizer = load_model_and_tokenizer(config.model_name_or_path)
-    pool = LoraPool.load(config.lora_pool) if config.lora_pool else None
+    pool = LoraPool.load(resolve_pool(config.lora_pool)) if config.lora_pool else None
     model = method.build(model, pool, torch.Generator().manual_seed(derive_seed(config.seed, "init")))
     task, train, test = load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)
     partitions = partition_dataset(
