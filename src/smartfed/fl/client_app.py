@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from ..data import batches, read_alpaca_jsonl
 from ..methods import LocalTrainConfig
 from . import keys
+from .privacy import KEY_CLIPPING_NORM, clip_state
 from .run_config import RunConfig
 from .runtime import derive_seed, get_runtime, tensor_bytes
 
@@ -79,6 +80,9 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     )
     result = method.local_train(model, local_batches, train_config)
     state = {k: v.detach().cpu().contiguous() for k, v in result.state.items()}
+    clipping_norm = msg.content[keys.CONFIG].get(KEY_CLIPPING_NORM)
+    if clipping_norm is not None:  # --dp client: clip the delta before it leaves the node
+        state = clip_state(state, {k: v for k, v in arrays.items() if k in state_keys}, float(clipping_norm))
     extras = {k: v.detach().cpu().contiguous() for k, v in result.extras.items()}
     kept = method.get_private_state(model)
     if kept:

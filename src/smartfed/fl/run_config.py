@@ -18,6 +18,9 @@ from ..more.config import GateType, RouterType
 
 Partition = Literal["iid", "dirichlet"]
 EnergyMode = Literal["codecarbon", "none"]
+Aggregation = Literal["mean", "median", "trimmed_mean"]
+OnInsufficient = Literal["retry", "skip", "fail"]
+DpMode = Literal["none", "server", "client"]
 
 
 def _choice(name: str, value: object, choices_type: object) -> None:
@@ -74,6 +77,39 @@ class RunConfig:
         metadata={"help": "torch threads per client (0: leave torch's default; Ray gives each simulated client 1)."},
     )
     output_dir: str = field(default="runs/smartfed", metadata={"help": "Run folder."})
+    # --- faults, robust aggregation, privacy (docs/reliability.md) -------------------------
+    min_fit_clients: int = field(
+        default=1, metadata={"help": "Valid client replies a round needs to aggregate (else --on_insufficient)."}
+    )
+    on_insufficient: OnInsufficient = field(
+        default="retry",
+        metadata={
+            "help": "Too few valid replies: 'retry' (re-sample, --round_retries times, then skip), 'skip', 'fail'."
+        },
+    )
+    round_retries: int = field(default=2, metadata={"help": "Re-samplings of a round with too few valid replies."})
+    round_timeout: float = field(
+        default=3600.0, metadata={"help": "Seconds the server waits for a round's replies; later ones are dropped."}
+    )
+    max_update_norm: float = field(
+        default=1e4, metadata={"help": "Drop a reply whose L2 distance to the global state exceeds this (0: off)."}
+    )
+    aggregation: Aggregation = field(
+        default="mean", metadata={"help": "Combine rule: 'mean' (FedAvg), 'median' or 'trimmed_mean' (robust)."}
+    )
+    trim_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction cut at each end per coordinate by aggregation=trimmed_mean."}
+    )
+    clip_update_norm: float = field(
+        default=0.0, metadata={"help": "Clip each client's delta from the global state to this L2 norm (0: off)."}
+    )
+    dp: DpMode = field(
+        default="none",
+        metadata={"help": "Central DP on the state (Flower's fixed-clipping wrappers): 'none', 'server' or 'client'."},
+    )
+    dp_noise_multiplier: float = field(default=1.0, metadata={"help": "DP: Gaussian noise σ / clipping norm."})
+    dp_clipping_norm: float = field(default=1.0, metadata={"help": "DP: L2 bound of each client's state delta."})
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP: δ at which the run's ε is reported."})
 
     def __post_init__(self) -> None:
         positive = (
@@ -115,6 +151,37 @@ class RunConfig:
         _choice("partition", self.partition, Partition)
         _choice("energy", self.energy, EnergyMode)
         self.budgets()  # validates client_budgets
+        self._check_reliability()
+
+    def _check_reliability(self) -> None:
+        for name in ("min_fit_clients", "round_retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "min_fit_clients" else 0):
+                raise ValueError(f"{name}={value!r} must be an integer >= {1 if name == 'min_fit_clients' else 0}")
+        if self.min_fit_clients > self.sample_clients:
+            raise ValueError(f"min_fit_clients={self.min_fit_clients!r} exceeds sample_clients={self.sample_clients!r}")
+        if not 0 < self.round_timeout < float("inf"):
+            raise ValueError(f"round_timeout={self.round_timeout!r} must be a positive number of seconds")
+        for name in ("max_update_norm", "clip_update_norm"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number >= 0 (0: off)")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction={self.trim_fraction!r} must be in [0, 0.5)")
+        if not 0 <= self.dp_noise_multiplier < float("inf"):
+            raise ValueError(f"dp_noise_multiplier={self.dp_noise_multiplier!r} must be a finite number >= 0")
+        if not 0 < self.dp_clipping_norm < float("inf"):
+            raise ValueError(f"dp_clipping_norm={self.dp_clipping_norm!r} must be a finite number > 0")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta={self.dp_delta!r} must be in (0, 1)")
+        _choice("on_insufficient", self.on_insufficient, OnInsufficient)
+        _choice("aggregation", self.aggregation, Aggregation)
+        _choice("dp", self.dp, DpMode)
+        if self.dp != "none" and (self.aggregation != "mean" or self.clip_update_norm > 0):
+            # the Gaussian mechanism's noise is calibrated to the clipped mean's sensitivity
+            raise ValueError(
+                f"dp={self.dp!r} needs aggregation='mean' and clip_update_norm=0 "
+                f"(got aggregation={self.aggregation!r}, clip_update_norm={self.clip_update_norm!r})"
+            )
 
     def budgets(self) -> list[float]:
         """β per client id (cycled)."""

@@ -5,11 +5,20 @@ Message API, and after each round writes the run folder: a metrics line, a
 router checkpoint, and the summary. ``resume=True`` continues from the last
 checkpoint; sampling and local batches depend only on (seed, round, client), so
 a resumed run ends with the same router as an uninterrupted one.
+
+Faults (docs/reliability.md): every reply is validated (``validation.py``) and a
+bad, failed or missing one is dropped and logged with its reason; a round with
+fewer than ``min_fit_clients`` valid replies is re-sampled, skipped or ends the run
+(``on_insufficient``). Each round writes its metrics line *before* its checkpoint:
+a crash between the two resumes from the previous checkpoint, redoes the round and
+replaces its line, so metrics.jsonl never loses nor repeats a round.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from dataclasses import asdict
 from logging import INFO
@@ -24,12 +33,22 @@ from tqdm.auto import tqdm
 
 from ..eval import evaluate_task
 from ..methods import ClientUpdate
-from . import keys
+from . import keys, privacy
 from .energy import EnergyMeter
 from .run_config import RunConfig
 from .run_folder import RunFolder
 from .runtime import Runtime, get_runtime, tensor_bytes
-from .strategy import SmartFedStrategy
+from .strategy import SmartFedStrategy, combine_for
+from .validation import ReplyRules, validate
+
+# Fault injection for the crash-safety tests: "PHASE:ROUND" kills this process with
+# SIGKILL at that point (phases: replied, metrics, checkpoint). Unset in normal runs.
+FAILPOINT_ENV = "SMARTFED_FAILPOINT"
+
+
+def _failpoint(phase: str, server_round: int) -> None:
+    if os.environ.get(FAILPOINT_ENV) == f"{phase}:{server_round}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _evaluate(runtime: Runtime) -> dict[str, float]:
@@ -66,6 +85,23 @@ def _restore(folder: RunFolder, runtime: Runtime) -> tuple[int, dict[str, Any], 
     return last, payload, extras, rows
 
 
+def _rules(runtime: Runtime, config: RunConfig, state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor]):
+    """Per-partition reply rules of this round (the method may expect per-client shapes)."""
+    # --dp client: the clients promised to clip the state: hold them to it (float32 round-off aside)
+    clip_bound = config.dp_clipping_norm * (1 + 1e-3) if config.dp == "client" else 0.0
+
+    def rules(partition: int) -> ReplyRules:
+        return ReplyRules(
+            expected=runtime.method.expected_update(runtime.model, partition, extras),
+            reference={**state, **extras},
+            max_update_norm=config.max_update_norm,
+            protected=frozenset(state),
+            max_state_norm=clip_bound,
+        )
+
+    return rules
+
+
 def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the federation of ``config``; returns the summary."""
     runtime = get_runtime(config)
@@ -79,7 +115,16 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         folder.write_metrics([])
         payload = {"quotas": model.quotas()} if hasattr(model, "quotas") else {}
 
-    strategy = SmartFedStrategy(num_clients=config.num_clients, sample_clients=config.sample_clients, seed=config.seed)
+    strategy = SmartFedStrategy(
+        num_clients=config.num_clients,
+        sample_clients=config.sample_clients,
+        seed=config.seed,
+        timeout=config.round_timeout,
+    )
+    strategy.method = method
+    strategy.uniform_weights = config.dp != "none"
+    trainer = privacy.dp_strategy(strategy, config)  # Flower's DP wrapper around the strategy, or itself
+    dp_history = [r["dp"]["noise_multiplier_effective"] for r in rows if r.get("dp")]
     strategy.discover(grid)
     energy = EnergyMeter(config.energy, folder.path)
     started = time.monotonic()
@@ -95,43 +140,93 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         energy.start()
         state = method.get_state(model)
         down = {**state, **extras}
-        train_config = ConfigRecord({keys.PAYLOAD: json.dumps(payload, sort_keys=True)})
-        messages = strategy.configure_train(server_round, ArrayRecord(torch_state_dict=down), train_config, grid)
-        replies = list(grid.send_and_receive(messages, timeout=strategy.timeout))
-        updates = strategy.client_updates(replies)
-        if not updates:
-            raise RuntimeError(f"round {server_round}: no client replied with a valid update")
-        merged = method.aggregate(updates)
-        method.set_state(model, {k: merged[k] for k in state})
-        update = method.server_update(server_round, model, {k: v for k, v in merged.items() if k not in state})
-        payload, extras = update.payload, update.extras
+        strategy.down_extras = extras
+        strategy.combine = combine_for(config, state)
+        rules = _rules(runtime, config, state, extras)
+        dropped: list[dict[str, Any]] = []
+        accepted, sent = [], 0
+        for attempt in range(config.round_retries + 1 if config.on_insufficient == "retry" else 1):
+            strategy.attempt = attempt
+            train_config = ConfigRecord({keys.PAYLOAD: json.dumps(payload, sort_keys=True)})
+            messages = list(
+                trainer.configure_train(server_round, ArrayRecord(torch_state_dict=state), train_config, grid)
+            )
+            sent += len(messages)
+            replies = list(grid.send_and_receive(messages, timeout=strategy.timeout))
+            _failpoint("replied", server_round)
+            candidates, failures = strategy.decode(replies, strategy.sample_partitions(server_round))
+            accepted = validate(candidates, rules)
+            for entry in failures + [
+                {"partition": c.partition, "node": c.node, "reason": c.reason} for c in candidates if c.reason
+            ]:
+                log(INFO, "round %d: dropped client %s (node %s): %s", server_round, *entry.values())
+                dropped.append({**entry, "attempt": attempt})
+            if len(accepted) >= config.min_fit_clients:
+                break
+            log(
+                INFO,
+                "round %d: %d valid replies < min_fit_clients=%d (attempt %d)",
+                server_round,
+                len(accepted),
+                config.min_fit_clients,
+                attempt,
+            )
+        skipped = len(accepted) < config.min_fit_clients
+        if skipped and config.on_insufficient == "fail":
+            raise RuntimeError(
+                f"round {server_round}: {len(accepted)} valid client replies, fewer than "
+                f"min_fit_clients={config.min_fit_clients} (on_insufficient='fail'); dropped: {dropped}"
+            )
+        update_log: dict[str, Any] = {}
+        updates: list[ClientUpdate] = []
+        dp_entry = None
+        if not skipped:
+            reply_of = {c.partition: r for r in replies for c in accepted if c.node == r.metadata.src_node_id}
+            held = strategy.hold(reply_of, accepted, list(state))
+            aggregated, _ = trainer.aggregate_train(server_round, held)
+            if aggregated is None:
+                raise RuntimeError(f"round {server_round}: aggregation returned nothing from {len(held)} replies")
+            merged_state = aggregated.to_torch_state_dict()
+            method.set_state(model, {k: merged_state[k].to(state[k].dtype) for k in state})
+            update = method.server_update(server_round, model, strategy.merged_extras)
+            payload, extras, update_log = update.payload, update.extras, update.log
+            updates = strategy.updates
+            if config.dp != "none":
+                dp_entry, z_eff = privacy.round_log(config, len(accepted), dp_history)
+                dp_history.append(z_eff)
 
-        ok = [r for r in replies if not r.has_error()]
-        up_state = [int(r.content[keys.METRICS][keys.STATE_BYTES]) for r in ok]
-        up_extras = [int(r.content[keys.METRICS][keys.EXTRAS_BYTES]) for r in ok]
+        up_state = [tensor_bytes({k: v for k, v in c.arrays.items() if k in state}) for c in accepted]
+        up_extras = [tensor_bytes({k: v for k, v in c.arrays.items() if k not in state}) for c in accepted]
         row: dict[str, Any] = {
             "round": server_round,
             "clients": strategy.sample_partitions(server_round),
-            "clients_replied": len(ok),
-            "train_loss": weighted_loss(updates),
+            "clients_replied": len(accepted),
+            "attempts": strategy.attempt + 1,
+            "skipped": skipped,
+            "dropped": dropped,
+            "train_loss": weighted_loss(updates) if updates else None,
             "bytes_down_per_client": tensor_bytes(down),
-            "bytes_down": tensor_bytes(down) * len(replies),
+            "bytes_down": tensor_bytes(down) * sent,
             "bytes_up_state": sum(up_state),
             "bytes_up_extras": sum(up_extras),
-            "bytes_up_per_client": (sum(up_state) + sum(up_extras)) / max(len(ok), 1),
+            "bytes_up_per_client": (sum(up_state) + sum(up_extras)) / max(len(accepted), 1),
             "bytes_up": sum(up_state) + sum(up_extras),
-            **update.log,
+            **update_log,
         }
+        if dp_entry is not None:
+            row["dp"] = dp_entry
         if server_round % config.eval_every == 0 or server_round == config.num_rounds:
             result = _evaluate(runtime)
             row.update(eval_metric=runtime.task.metric, eval_score=result["score"], eval_n=result["n"])
         else:
             row.update(eval_metric=runtime.task.metric, eval_score=None, eval_n=0)
-        folder.save_checkpoint(server_round, {**method.get_state(model), **extras}, payload)
         kwh, energy_method = energy.stop()
         row.update(wall_seconds=time.monotonic() - t0, energy_kwh=kwh, energy_method=energy_method)
         rows.append(row)
-        folder.write_metrics(rows)
+        folder.write_metrics(rows)  # before the checkpoint: see the module docstring
+        _failpoint("metrics", server_round)
+        folder.save_checkpoint(server_round, {**method.get_state(model), **extras}, payload)
+        _failpoint("checkpoint", server_round)
         bar.set_postfix(loss=row["train_loss"], score=row["eval_score"])
 
     summary = _summarise(config, rows, time.monotonic() - started)

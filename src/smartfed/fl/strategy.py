@@ -4,27 +4,52 @@ Flower's simulation gives nodes random ids each run, and ``FedAvg`` samples
 with the global ``random``; a resumed run would then train other clients than
 the run it continues. So the strategy first asks every node for its
 ``partition-id`` (a QUERY message) and samples partitions with an RNG seeded by
-(seed, round). Aggregation is the method's (``Method.aggregate``, FedAvg by
-default); the strategy turns replies into ``ClientUpdate``s sorted by partition.
+(seed, round, attempt). Aggregation is the method's (``Method.aggregate`` with
+the combine rule of ``--aggregation``), run from ``aggregate_train`` so that
+Flower's strategy wrappers (differential privacy) can sit around it.
+
+Replies are decoded into ``validation.Candidate``s first; failed, missing and
+malformed replies become (partition, node, reason) records for metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ..methods import ClientUpdate
+from ..methods import ClientUpdate, Combine, Method, weighted_mean
+from ..methods.aggregation import coordinate_median, norm_clipped, trimmed_mean
 from . import keys
+from .run_config import RunConfig
 from .runtime import derive_seed
+from .validation import Candidate
+
+
+def combine_for(config: RunConfig, reference: Mapping[str, torch.Tensor]) -> Combine:
+    """The combine rule of ``--aggregation`` (and ``--clip_update_norm`` around it) for this round."""
+    combine: Combine = {
+        "mean": weighted_mean,
+        "median": coordinate_median,
+        "trimmed_mean": trimmed_mean(config.trim_fraction),
+    }[config.aggregation]
+    if config.clip_update_norm > 0:
+        combine = norm_clipped(combine, reference, config.clip_update_norm)
+    return combine
+
+
+def _scalar(metrics: MetricRecord, key: str) -> object:
+    value = metrics.get(key)
+    return value if isinstance(value, (int, float)) else None
 
 
 class SmartFedStrategy(FedAvg):
-    """FedAvg whose sampled clients depend only on (seed, round)."""
+    """FedAvg whose sampled clients depend only on (seed, round, attempt)."""
 
     def __init__(self, *, num_clients: int, sample_clients: int, seed: int, timeout: float = 3600.0) -> None:
         super().__init__(
@@ -41,6 +66,15 @@ class SmartFedStrategy(FedAvg):
         self.seed = seed
         self.timeout = timeout
         self.node_of_partition: dict[int, int] = {}
+        # set by the server loop each round
+        self.attempt = 0  # re-samplings of this round so far
+        self.down_extras: dict[str, torch.Tensor] = {}  # sent beside the state (not clipped by DP wrappers)
+        self.method: Method | None = None
+        self.combine: Combine = weighted_mean
+        self.uniform_weights = False  # DP-FedAvg averages the clipped states with equal weights
+        self.held_extras: dict[int, dict[str, torch.Tensor]] = {}  # partition -> extras of its valid reply
+        self.merged_extras: dict[str, torch.Tensor] = {}
+        self.updates: list[ClientUpdate] = []
 
     def discover(self, grid: Grid, *, wait_seconds: float = 600.0) -> dict[int, int]:
         """Wait for ``num_clients`` nodes, then learn each node's partition id."""
@@ -68,32 +102,104 @@ class SmartFedStrategy(FedAvg):
             raise RuntimeError(f"no client answered for partition(s) {missing[:10]}")
         return self.node_of_partition
 
-    def client_updates(self, replies: Iterable[Message]) -> list[ClientUpdate]:
-        """The replies without errors, as the method's aggregation sees them (partition, arrays, weight)."""
+    def decode(self, replies: Iterable[Message], sampled: Iterable[int]) -> tuple[list[Candidate], list[dict]]:
+        """(candidates to validate, failures) of one round's replies to the ``sampled`` partitions.
+
+        A failure is a sampled client whose reply is an error (it raised, or its node
+        is gone), is missing (timed out), or cannot be decoded at all.
+        """
+        partition_of_node = {node: pid for pid, node in self.node_of_partition.items()}
+        waiting = set(sampled)
+        candidates, failures = [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            pid = partition_of_node.get(node)
+            if pid not in waiting:  # unknown node, or a second reply: never aggregated
+                failures.append({"partition": pid, "node": node, "reason": "unsolicited reply"})
+                continue
+            waiting.discard(pid)
+            if reply.has_error():
+                reason = f"client error {reply.error.code}: {reply.error.reason}"
+                failures.append({"partition": pid, "node": node, "reason": " ".join(reason.split())[:300]})
+                continue
+            content = reply.content
+            if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
+                failures.append({"partition": pid, "node": node, "reason": "reply lacks its arrays or metrics record"})
+                continue
+            try:
+                arrays = content[keys.ARRAYS].to_torch_state_dict()
+            except Exception as err:  # a malformed Array cannot become a tensor
+                failures.append({"partition": pid, "node": node, "reason": f"arrays do not decode ({err})"[:300]})
+                continue
+            metrics = content[keys.METRICS]
+            candidates.append(
+                Candidate(pid, node, arrays, _scalar(metrics, keys.NUM_EXAMPLES), _scalar(metrics, keys.TRAIN_LOSS))
+            )
+        for pid in sorted(waiting):
+            failures.append(
+                {"partition": pid, "node": self.node_of_partition[pid], "reason": "no reply within the round timeout"}
+            )
+        return candidates, failures
+
+    def hold(
+        self, replies: Mapping[int, Message], accepted: Iterable[Candidate], state_keys: list[str]
+    ) -> list[Message]:
+        """The accepted replies with only the state in their ArrayRecord (server key order); extras held aside.
+
+        Flower's DP wrappers clip every array of a reply against the state sent down,
+        position by position: the reply must hold exactly those keys, in that order.
+        """
+        out = []
+        self.held_extras = {}
+        for c in accepted:
+            reply = replies[c.partition]
+            reply.content[keys.ARRAYS] = ArrayRecord(torch_state_dict={k: c.arrays[k] for k in state_keys})
+            self.held_extras[c.partition] = {k: v for k, v in c.arrays.items() if k not in set(state_keys)}
+            out.append(reply)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The method's aggregation of (validated) replies; the state goes back as an ArrayRecord."""
+        if self.method is None:
+            raise RuntimeError("SmartFedStrategy.method is not set")
         partition_of_node = {node: pid for pid, node in self.node_of_partition.items()}
         updates = []
         for reply in replies:
-            if reply.has_error():
-                continue
+            pid = partition_of_node[reply.metadata.src_node_id]
+            state = reply.content[keys.ARRAYS].to_torch_state_dict()
             metrics = reply.content[keys.METRICS]
             updates.append(
                 ClientUpdate(
-                    partition=partition_of_node[reply.metadata.src_node_id],
-                    arrays=reply.content[keys.ARRAYS].to_torch_state_dict(),
-                    num_examples=int(metrics[keys.NUM_EXAMPLES]),
+                    partition=pid,
+                    arrays={**state, **self.held_extras.get(pid, {})},
+                    num_examples=1 if self.uniform_weights else int(metrics[keys.NUM_EXAMPLES]),
                     train_loss=float(metrics[keys.TRAIN_LOSS]),
                 )
             )
-        return sorted(updates, key=lambda u: u.partition)  # arrival order must not change the result
+        if not updates:
+            return None, None
+        self.updates = sorted(updates, key=lambda u: u.partition)  # arrival order must not change the result
+        state_keys = list(reply.content[keys.ARRAYS].keys())
+        merged = self.method.aggregate(self.updates, self.combine)
+        self.merged_extras = {k: v for k, v in merged.items() if k not in state_keys}
+        return ArrayRecord(torch_state_dict={k: merged[k] for k in state_keys}), MetricRecord(
+            {"num-replies": len(updates)}
+        )
 
-    def sample_partitions(self, server_round: int) -> list[int]:
-        rng = random.Random(derive_seed(self.seed, "sample", server_round))
+    def sample_partitions(self, server_round: int, attempt: int | None = None) -> list[int]:
+        attempt = self.attempt if attempt is None else attempt
+        parts = ("sample", server_round) if attempt == 0 else ("sample", server_round, "retry", attempt)
+        rng = random.Random(derive_seed(self.seed, *parts))
         return sorted(rng.sample(sorted(self.node_of_partition), self.sample_clients))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[keys.SERVER_ROUND] = server_round
+        if self.down_extras:
+            arrays = ArrayRecord(torch_state_dict={**arrays.to_torch_state_dict(), **self.down_extras})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         nodes = [self.node_of_partition[p] for p in self.sample_partitions(server_round)]
         return self._construct_messages(record, nodes, MessageType.TRAIN)

@@ -125,6 +125,18 @@ class Method(ABC):
         """
         return combine([u.arrays for u in updates], [float(u.num_examples) for u in updates])
 
+    def expected_update(
+        self, model: nn.Module, partition: int, sent_extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Templates (shape and dtype) of the tensors a valid reply of client ``partition`` holds.
+
+        The server drops replies that miss one of these keys or hold it in another
+        shape or dtype (``fl/validation.py``). Default: the server's own state plus the
+        extras it sent down last round. Methods whose clients legitimately send other
+        shapes (a smaller LoRA rank per client) override this.
+        """
+        return {**self.get_state(model), **sent_extras}
+
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
