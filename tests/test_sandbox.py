@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -164,3 +165,21 @@ def test_bad_arguments() -> None:
     for kwargs in ({"timeout": 0}, {"memory_mb": -1}, {"max_output": 0}, {"timeout": float("inf")}):
         with pytest.raises(ValueError, match="must be a positive finite number"):
             run_python("pass", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        ("import time\ntime.sleep(30)\n", "timeout"),
+        ("import os\nos.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nos.chmod('d/e', 0)\nos.chmod('d', 0)\n", None),
+        ("raise SystemExit(3)\n", "exit status 3"),
+    ],
+    ids=["timeout", "chmod-000-folders", "failed-exit"],
+)
+def test_temp_dir_is_removed_however_the_program_ends(tail: str, reason: str | None) -> None:
+    result = run_python("import os\nprint(os.getcwd(), flush=True)\n" + tail, timeout=2)
+    workdir = Path(result.stdout.splitlines()[0])
+    assert workdir.name.startswith("smartfed-sandbox-")
+    assert not workdir.exists() and not os.path.lexists(workdir)
+    if reason is not None:
+        assert result.reason == reason

@@ -109,7 +109,12 @@ def _run(
         run_config = RunConfig.from_dict(values, source=str(config or "flags"))
         run_config.require_sources()
         _check_paths(run_config)
-    except (ValueError, FileNotFoundError) as err:
+        if resume is not None:  # a damaged run folder fails here, not inside Flower
+            folder = RunFolder(resume)
+            folder.read_metrics()
+            if folder.last_checkpoint():
+                folder.load_checkpoint(folder.last_checkpoint())
+    except (ValueError, OSError) as err:
         _error_exit(err, debug)
     run_simulation(run_config, resume=resume is not None, verbose=verbose)
     summary = Path(run_config.output_dir) / "summary.json"
@@ -125,6 +130,17 @@ def _check_paths(config) -> None:
     model = Path(config.model_name_or_path).expanduser()
     if config.model_name_or_path.startswith((".", "/", "~")) and not model.exists():
         raise FileNotFoundError(f"--model_name_or_path {config.model_name_or_path}: no such folder")
+    if model.is_dir() and not (model / "config.json").is_file():
+        raise ValueError(f"--model_name_or_path {config.model_name_or_path}: no config.json (not a transformers model)")
+    if model.is_file() and model.suffix != ".gguf":
+        raise ValueError(f"--model_name_or_path {config.model_name_or_path}: a file, but not a .gguf model")
+    if model.is_file():
+        from .models import resolve_model
+
+        resolve_model(str(model))  # a GGUF that is not a model fails here (a real one is converted once, cached)
+    from .data import load_task
+
+    load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)  # bad data files
 
 
 _run.__signature__ = inspect.signature(_run).replace(  # type: ignore[attr-defined]

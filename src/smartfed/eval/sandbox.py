@@ -284,6 +284,23 @@ def _reason(returncode: int, stderr: str) -> str:
     return f"exit status {returncode}"
 
 
+def _remove_tree(path: str) -> None:
+    """``rmtree`` after giving the owner rwx back on every folder: the program may have chmod-ed one to 000.
+
+    Symlinks are never followed (os.walk lists a link to a folder among the folders;
+    chmod would follow it out of the sandbox).
+    """
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for root, dirs, _ in os.walk(path):
+        for name in dirs:
+            sub = os.path.join(root, name)
+            if not os.path.islink(sub):
+                with contextlib.suppress(OSError):
+                    os.chmod(sub, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _check_positive(name: str, value: object, kinds: tuple[type, ...] = (int,)) -> None:
     if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"run_python: {name}={value!r} must be a positive finite number")
@@ -387,4 +404,4 @@ def run_python(
             truncated=cut_out or cut_err,
         )
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        _remove_tree(workdir)

@@ -214,10 +214,18 @@ class RunConfig:
             raise ValueError(f"{source}: unknown key(s) {unknown}")
         for key, value in data.items():  # TOML/YAML/Flower give us loosely typed values
             default = known[key].default
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ValueError(f"{source}: {key}={value!r} must be true or false")
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{source}: {key}={value!r} must be true or false")
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{source}: {key}={value!r} must be an integer")
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{source}: {key}={value!r} must be a number")
                 data[key] = float(value)
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ValueError(f"{source}: {key}={value!r} must be a string")
         return cls(**data)
 
     def to_flower(self) -> dict[str, Any]:
@@ -241,7 +249,10 @@ class RunConfig:
             elif path.suffix in (".yaml", ".yml"):
                 import yaml
 
-                data = yaml.safe_load(text)
+                try:
+                    data = yaml.safe_load(text)
+                except yaml.YAMLError as err:  # not a ValueError: re-raise as one, with the file named below
+                    raise ValueError(" ".join(str(err).split())) from err
             elif path.suffix == ".json":
                 data = json.loads(text)
             else:

@@ -111,7 +111,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
     folder.write_config(config.to_dict())
     folder.write_pool(runtime.pool)
     start, payload, extras, rows = _restore(folder, runtime) if resume else (0, {}, {}, [])
-    if not resume:
+    if start == 0:  # a fresh run, or a resume of one killed before its first checkpoint
         folder.write_metrics([])
         payload = {"quotas": model.quotas()} if hasattr(model, "quotas") else {}
 

@@ -15,6 +15,7 @@ malformed replies become (partition, node, reason) records for metrics.jsonl.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterable, Mapping
 
@@ -41,6 +42,16 @@ def combine_for(config: RunConfig, reference: Mapping[str, torch.Tensor]) -> Com
     if config.clip_update_norm > 0:
         combine = norm_clipped(combine, reference, config.clip_update_norm)
     return combine
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit|Interrupt)\b.*)$")
+
+
+def _last_exception(reason: str) -> str:
+    """The last ``SomeError: message`` line of an error reason (engines wrap it in their own traceback)."""
+    lines = [m[1] for line in reason.splitlines() if (m := _EXCEPTION_LINE.match(line))]
+    text = lines[-1].rstrip("'>") if lines else reason
+    return " ".join(text.split())[:300]
 
 
 def _scalar(metrics: MetricRecord, key: str) -> object:
@@ -119,8 +130,8 @@ class SmartFedStrategy(FedAvg):
                 continue
             waiting.discard(pid)
             if reply.has_error():
-                reason = f"client error {reply.error.code}: {reply.error.reason}"
-                failures.append({"partition": pid, "node": node, "reason": " ".join(reason.split())[:300]})
+                reason = f"client error {reply.error.code}: {_last_exception(reply.error.reason or '')}"
+                failures.append({"partition": pid, "node": node, "reason": reason})
                 continue
             content = reply.content
             if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
