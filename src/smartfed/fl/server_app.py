@@ -81,6 +81,7 @@ def _restore(folder: RunFolder, runtime: Runtime) -> tuple[int, dict[str, Any], 
     runtime.method.set_state(runtime.model, {k: v for k, v in tensors.items() if k in state_keys})
     runtime.method.restore_payload(runtime.model, payload)
     extras = {k: v for k, v in tensors.items() if k not in state_keys}
+    runtime.method.restore_extras(runtime.model, extras)
     rows = [row for row in folder.read_metrics() if row["round"] <= last]
     return last, payload, extras, rows
 

@@ -183,3 +183,6 @@ class Method(ABC):
 
     def restore_payload(self, model: nn.Module, payload: Mapping[str, object]) -> None:  # noqa: B027 (optional hook)
         """Re-apply a saved server payload on resume (e.g. quotas)."""
+
+    def restore_extras(self, model: nn.Module, extras: Mapping[str, torch.Tensor]) -> None:  # noqa: B027 (optional hook)
+        """Re-apply, on resume, the extras the server last sent down (saved in the checkpoint; e.g. FLoRA's merged ΔW)."""
