@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load_file
 
 from smartfed.fl import keys
@@ -113,3 +113,22 @@ def test_a_client_that_does_not_clip_is_dropped(assets, tmp_path):  # noqa: F811
     assert dropped and all(d["partition"] == 1 and "did not clip" in d["reason"] for d in dropped)
     sampled_1 = [r for r in rows if 1 in r["clients"]]
     assert sampled_1 and all(r["clients_replied"] == 1 for r in sampled_1)
+
+
+def test_server_side_dp_drops_a_no_op_reply_instead_of_dividing_by_zero(assets, tmp_path):  # noqa: F811
+    """Flower's clipping divides by the delta's norm: a reply equal to the global state must not reach it."""
+    config = make_config(assets, tmp_path / "noop", num_rounds=2, dp="server", dp_clipping_norm=0.05)
+    app = make_client_app(config)
+
+    def fault(msg, context):
+        if int(context.node_config[keys.PARTITION_ID]) != 1:
+            return None
+        reply = app(msg, context)
+        sent = msg.content[keys.ARRAYS].to_torch_state_dict()
+        arrays = reply.content[keys.ARRAYS].to_torch_state_dict()
+        reply.content[keys.ARRAYS] = ArrayRecord(torch_state_dict={k: sent.get(k, v) for k, v in arrays.items()})
+        return reply
+
+    rows = _run(config, fault)
+    dropped = [d for r in rows for d in r["dropped"]]
+    assert dropped and all(d["partition"] == 1 and "nothing for DP clipping" in d["reason"] for d in dropped)

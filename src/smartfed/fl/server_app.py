@@ -98,6 +98,7 @@ def _rules(runtime: Runtime, config: RunConfig, state: dict[str, torch.Tensor], 
             max_update_norm=config.max_update_norm,
             protected=frozenset(state),
             max_state_norm=clip_bound,
+            min_state_norm=1e-12 if config.dp == "server" else 0.0,
         )
 
     return rules

@@ -45,6 +45,7 @@ class ReplyRules:
     max_update_norm: float = 0.0  # bound on ||update - reference||_2 (0: no bound)
     protected: frozenset[str] = frozenset()  # the state's keys: a client may not add them
     max_state_norm: float = 0.0  # bound on the state part of the delta alone (--dp client: the clipping norm)
+    min_state_norm: float = 0.0  # --dp server: Flower's clipping divides by the delta norm, which must not be 0
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -79,10 +80,12 @@ def check_candidate(candidate: Candidate, rules: ReplyRules) -> str | None:
         norm = delta_norm(arrays, rules.reference)
         if not norm <= rules.max_update_norm:
             return f"update norm {norm:.4g} exceeds the bound {rules.max_update_norm:g} (--max_update_norm)"
-    if rules.max_state_norm > 0:
+    if rules.max_state_norm > 0 or rules.min_state_norm > 0:
         norm = delta_norm(arrays, {k: v for k, v in rules.reference.items() if k in rules.protected})
-        if not norm <= rules.max_state_norm:
+        if rules.max_state_norm > 0 and not norm <= rules.max_state_norm:
             return f"state update norm {norm:.4g} exceeds the DP clipping norm (the client did not clip)"
+        if norm < rules.min_state_norm:
+            return f"state update norm {norm:.3g} is ~0: nothing for DP clipping to scale"
     return None
 
 
