@@ -8,7 +8,13 @@ from .registry import METHODS, get_method_class, list_methods, register_method
 def load_builtin_methods() -> None:
     """Import the method files so they register themselves (explicit, not at package import)."""
     from . import (
+        a3smoe,  # noqa: F401
+        ablations,  # noqa: F401
         fedit,  # noqa: F401
+        fedlease,  # noqa: F401
+        lorahub,  # noqa: F401
+        merge,  # noqa: F401
+        mole,  # noqa: F401
         smartfed,  # noqa: F401
     )
 
