@@ -219,6 +219,84 @@ def methods_command() -> None:
         typer.echo(f"{name:12s} {summary}")
 
 
+# --- comparing methods: compare, report ---------------------------------------------------------
+def _compare(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated registered methods (`smartfed methods`).")],
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: --seed, --seed+1, ...")] = 1,
+    target: Annotated[
+        Optional[float], typer.Option("--target", help="Report the first round whose metric reaches this value.")
+    ] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML/YAML/JSON file of the run keys.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    **flags: Any,
+) -> None:
+    """Run methods × seeds on identical partitions into <output_dir>/<method>/seed<k>/, then write comparison.md."""
+    from .compare import compare, parse_methods, seed_list
+    from .fl.run_config import RunConfig
+
+    try:
+        values: dict[str, Any] = {"output_dir": "runs/compare"}
+        if config is not None:
+            values.update(RunConfig.from_file(config))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        base = RunConfig.from_dict(values, source=str(config or "flags"))
+        names = parse_methods(methods)
+        seed_values = seed_list(base.seed, seeds)
+        base.require_sources()
+        _check_paths(base)
+    except (ValueError, OSError) as err:
+        _error_exit(err, debug)
+    total = len(names) * len(seed_values)
+    done = iter(range(1, total + 1))
+
+    def announce(run_config: RunConfig, reused: bool) -> None:
+        state = "finished already, reused" if reused else "running"
+        typer.echo(
+            f"[{next(done)}/{total}] {run_config.method} seed {run_config.seed}: {state} ({run_config.output_dir})"
+        )
+
+    report = compare(base, names, seed_values, base.output_dir, target=target, verbose=verbose, on_run=announce)
+    typer.echo(report.read_text(encoding="utf-8"))
+    typer.echo(f"wrote {report}")
+
+
+_compare.__signature__ = inspect.signature(_compare).replace(  # type: ignore[attr-defined]
+    parameters=[p for p in inspect.signature(_compare).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    + _run_options()
+)
+app.command("compare")(_compare)
+
+
+@app.command("report")
+def report_command(
+    dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders holding run folders (searched).")],
+    target: Annotated[
+        Optional[float], typer.Option("--target", help="Report the first round whose metric reaches this value.")
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", help="Folder for comparison.md and plots (default: the runs' common folder)."),
+    ] = None,
+    no_plots: Annotated[bool, typer.Option("--no_plots", help="Only the table, no PNG plots.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Rebuild comparison.md (mean ± std over seeds per method) and the plots from finished run folders."""
+    import os
+
+    from .report import is_run_folder, write_report
+
+    if output is None:
+        common = Path(os.path.commonpath([d.resolve() for d in dirs]))
+        output = common.parent if is_run_folder(common) else common
+    try:
+        report = write_report(dirs, output, target=target, plots=not no_plots)
+    except (ValueError, OSError) as err:
+        _error_exit(err, debug)
+    typer.echo(report.read_text(encoding="utf-8"))
+    typer.echo(f"wrote {report}")
+
+
 # --- using a finished run: generate, eval, export ----------------------------------------------
 RunDirArg = Annotated[
     Path, typer.Argument(help="Run folder written by `smartfed run` (its --output_dir).", show_default=False)

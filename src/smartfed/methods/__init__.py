@@ -12,6 +12,10 @@ def load_builtin_methods() -> None:
         ablations,  # noqa: F401
         fedit,  # noqa: F401
         fedlease,  # noqa: F401
+        fedsa,  # noqa: F401
+        flexlora,  # noqa: F401
+        flora,  # noqa: F401
+        hetlora,  # noqa: F401
         lorahub,  # noqa: F401
         merge,  # noqa: F401
         mole,  # noqa: F401

@@ -18,12 +18,16 @@ s = α/r, so their ``B·A`` products live on the same scale and can be summed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+from ..fl.run_config import RunConfig
+from ..more import LoraPool
+from .base import LocalResult, LocalTrainConfig, Method
 
 ADAPTER = "default"
 A_SUFFIX = ".lora_A.weight"
@@ -70,9 +74,7 @@ def build_lora_model(
     model: nn.Module, *, rank: int, alpha: float, targets: str, generator: torch.Generator
 ) -> PeftModel:
     """Wrap ``model`` with a PEFT LoRA (no dropout, so a rank mask stays exact), initialised from ``generator``."""
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=target_modules(targets), lora_dropout=0.0, bias="none"
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules(targets), lora_dropout=0.0, bias="none")
     try:
         with torch.random.fork_rng(devices=[]):  # PEFT's own init draws from the global RNG: leave it untouched
             peft_model = get_peft_model(model, config)
@@ -130,7 +132,11 @@ def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, sour
             param = params[key]
             rank_dim = 0 if key.endswith(A_SUFFIX) else 1
             other = 1 - rank_dim
-            if value.dim() != 2 or value.shape[other] != param.shape[other] or value.shape[rank_dim] > param.shape[rank_dim]:
+            if (
+                value.dim() != 2
+                or value.shape[other] != param.shape[other]
+                or value.shape[rank_dim] > param.shape[rank_dim]
+            ):
                 raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
             param.zero_()
             param.narrow(rank_dim, 0, value.shape[rank_dim]).copy_(value)
@@ -152,3 +158,54 @@ def mask_rank(model: nn.Module, rank: int) -> None:
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """ΔW = s·B·A of one matrix, in float64 (the aggregation rules compare products exactly)."""
     return scaling * (b.double() @ a.double())
+
+
+class LoraMethod(Method):
+    """A PEFT LoRA trained from scratch, its A and B communicated (FedIT's protocol; the others refine it)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> nn.Module:
+        # the pool is not used: these baselines reuse no existing adapter
+        c = self.config
+        return build_lora_model(
+            model, rank=c.lora_rank, alpha=c.lora_alpha, targets=c.lora_target_modules, generator=generator
+        )
+
+    def get_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return lora_state(model)
+
+    def set_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        load_lora_state(model, state, source=f"{self.name} server state")
+
+    def partition_rank(self, partition: int) -> int:
+        """r_c of client ``partition`` from its ``--client_budgets`` β."""
+        return client_rank(self.config.lora_rank, self.config.budgets()[partition])
+
+
+class RankedLoraMethod(LoraMethod):
+    """Clients of budget β train and send only the leading ``r_c = max(1, ⌊β·r⌋)`` components."""
+
+    def prepare_round(
+        self,
+        model: nn.Module,
+        payload: Mapping[str, object],
+        extras: Mapping[str, torch.Tensor],
+        config: LocalTrainConfig,
+    ) -> None:
+        mask_rank(model, client_rank(self.config.lora_rank, config.budget))
+
+    def local_train(
+        self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], config: LocalTrainConfig
+    ) -> LocalResult:
+        result = super().local_train(model, batches, config)
+        # the factors, whatever the state sent down is (FLoRA's is the merged ΔW)
+        result.state = truncate_state(lora_state(model), client_rank(self.config.lora_rank, config.budget))
+        return result
+
+    def expected_update(
+        self, model: nn.Module, partition: int, sent_extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A valid reply holds the rank-r_c factors of that client (shape and dtype templates)."""
+        return truncate_state(lora_state(model), self.partition_rank(partition))
