@@ -53,6 +53,7 @@ class LocalGrid(Grid):
         }
         self._run = None
         self.sent: list[Message] = []
+        self.replies: list[Message] = []  # every reply as the server received it
         # what Flower's ServerApp runtime sets before main(): messages take their ids from it
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
 
@@ -98,4 +99,5 @@ class LocalGrid(Grid):
             reply = self._deliver(msg)
             if time.monotonic() <= deadline:  # a reply after the timeout is lost, as on a real link
                 replies.append(reply)
+                self.replies.append(reply)
         return replies

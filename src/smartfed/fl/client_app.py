@@ -11,11 +11,13 @@ import json
 import datasets
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from ..data import batches, read_alpaca_jsonl
 from ..methods import LocalTrainConfig
-from . import keys
+from . import keys, secagg
 from .privacy import KEY_CLIPPING_NORM, clip_state
 from .run_config import RunConfig
 from .runtime import derive_seed, get_runtime, tensor_bytes
@@ -53,9 +55,13 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     pid = partition_id(context)
     runtime = get_runtime(config)
     method, model = runtime.method, runtime.model
-    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
-    payload = json.loads(str(msg.content[keys.CONFIG].get(keys.PAYLOAD, "{}")))
-    arrays = msg.content[keys.ARRAYS].to_torch_state_dict()
+    legacy = secagg.is_legacy_fit(msg.content)  # --secagg: SecAgg+'s collect stage, legacy FitIns records
+    if legacy:
+        arrays, round_config = secagg.unpack_fitins(msg.content)
+    else:
+        arrays, round_config = msg.content[keys.ARRAYS].to_torch_state_dict(), msg.content[keys.CONFIG]
+    server_round = int(round_config[keys.SERVER_ROUND])
+    payload = json.loads(str(round_config.get(keys.PAYLOAD, "{}")))
     state_keys = set(method.get_state(model))
     method.set_state(model, {k: v for k, v in arrays.items() if k in state_keys})
     train_config = LocalTrainConfig(
@@ -80,13 +86,15 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     )
     result = method.local_train(model, local_batches, train_config)
     state = {k: v.detach().cpu().contiguous() for k, v in result.state.items()}
-    clipping_norm = msg.content[keys.CONFIG].get(KEY_CLIPPING_NORM)
+    clipping_norm = round_config.get(KEY_CLIPPING_NORM)
     if clipping_norm is not None:  # --dp client: clip the delta before it leaves the node
         state = clip_state(state, {k: v for k, v in arrays.items() if k in state_keys}, float(clipping_norm))
     extras = {k: v.detach().cpu().contiguous() for k, v in result.extras.items()}
     kept = method.get_private_state(model)
     if kept:
         context.state[keys.PRIVATE] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in kept.items()})
+    if legacy:  # secaggplus_mod masks these arrays and sends only the masked vector
+        return Message(secagg.pack_fitres({**state, **extras}, len(data), result.train_loss), reply_to=msg)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: len(data),
@@ -99,9 +107,16 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ messages (``--secagg``); every other message passes through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def make_client_app(config: RunConfig | None = None) -> ClientApp:
     """A ClientApp bound to ``config``, or reading the Flower run config when ``None``."""
-    app = ClientApp()
+    app = ClientApp(mods=[_secagg_when_asked])
 
     def resolve(context: Context) -> RunConfig:
         return config if config is not None else RunConfig.from_flower(context.run_config)

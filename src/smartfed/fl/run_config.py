@@ -110,6 +110,12 @@ class RunConfig:
     dp_noise_multiplier: float = field(default=1.0, metadata={"help": "DP: Gaussian noise σ / clipping norm."})
     dp_clipping_norm: float = field(default=1.0, metadata={"help": "DP: L2 bound of each client's state delta."})
     dp_delta: float = field(default=1e-5, metadata={"help": "DP: δ at which the run's ε is reported."})
+    secagg: bool = field(
+        default=False, metadata={"help": "Secure aggregation with Flower's SecAgg+: the server sees only the sum."}
+    )
+    secagg_clipping_range: float = field(
+        default=8.0, metadata={"help": "SecAgg+: values are clipped to ±this before quantisation."}
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -176,6 +182,16 @@ class RunConfig:
         _choice("on_insufficient", self.on_insufficient, OnInsufficient)
         _choice("aggregation", self.aggregation, Aggregation)
         _choice("dp", self.dp, DpMode)
+        if not 0 < self.secagg_clipping_range < float("inf"):
+            raise ValueError(f"secagg_clipping_range={self.secagg_clipping_range!r} must be a finite number > 0")
+        if self.secagg and (self.dp != "none" or self.aggregation != "mean" or self.clip_update_norm > 0):
+            # the server only ever sees the masked sum: nothing per client to clip, rank or noise-calibrate
+            raise ValueError(
+                f"secagg=True needs dp='none', aggregation='mean' and clip_update_norm=0 "
+                f"(got dp={self.dp!r}, aggregation={self.aggregation!r}, clip_update_norm={self.clip_update_norm!r})"
+            )
+        if self.secagg and self.sample_clients < 2:
+            raise ValueError(f"secagg=True needs sample_clients >= 2 (got {self.sample_clients!r})")
         if self.dp != "none" and (self.aggregation != "mean" or self.clip_update_norm > 0):
             # the Gaussian mechanism's noise is calibrated to the clipped mean's sensitivity
             raise ValueError(

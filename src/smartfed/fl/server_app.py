@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from ..eval import evaluate_task
 from ..methods import ClientUpdate
-from . import keys, privacy
+from . import keys, privacy, secagg
 from .energy import EnergyMeter
 from .run_config import RunConfig
 from .run_folder import RunFolder
 from .runtime import Runtime, get_runtime, tensor_bytes
 from .strategy import SmartFedStrategy, combine_for
-from .validation import ReplyRules, validate
+from .validation import Candidate, ReplyRules, validate
 
 # Fault injection for the crash-safety tests: "PHASE:ROUND" kills this process with
 # SIGKILL at that point (phases: replied, metrics, checkpoint). Unset in normal runs.
@@ -104,6 +104,38 @@ def _rules(runtime: Runtime, config: RunConfig, state: dict[str, torch.Tensor], 
     return rules
 
 
+def _secure_attempt(grid: Grid, strategy: SmartFedStrategy, config: RunConfig, server_round: int, down, train_config):
+    """One SecAgg+ attempt: (accepted clients, failures, the unmasked mean or None)."""
+    sampled = strategy.sample_partitions(server_round)
+    nodes = [strategy.node_of_partition[p] for p in sampled]
+    merged, clients, error = secagg.secure_round(
+        grid,
+        server_round,
+        nodes,
+        down,
+        train_config,
+        clipping_range=config.secagg_clipping_range,
+        max_weight=float(config.num_train),
+        timeout=config.round_timeout,
+    )
+    if merged is not None and not all(bool(torch.isfinite(v).all()) for v in merged.values()):
+        merged, error = None, "the unmasked aggregate is not finite"
+    if merged is None:
+        return [], [{"partition": None, "node": None, "reason": f"SecAgg+: {error}"}], None
+    partition_of = {node: pid for pid, node in strategy.node_of_partition.items()}
+    # arrays=merged: what each client sent has these names and sizes (the values stay masked)
+    accepted = sorted(
+        (Candidate(partition_of[node], node, merged, n, loss) for node, n, loss in clients), key=lambda c: c.partition
+    )
+    done = {c.partition for c in accepted}
+    failures = [
+        {"partition": p, "node": strategy.node_of_partition[p], "reason": "dropped out of SecAgg+"}
+        for p in sampled
+        if p not in done
+    ]
+    return accepted, failures, merged
+
+
 def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the federation of ``config``; returns the summary."""
     runtime = get_runtime(config)
@@ -146,7 +178,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         strategy.combine = combine_for(config, state)
         rules = _rules(runtime, config, state, extras)
         dropped: list[dict[str, Any]] = []
-        accepted, sent = [], 0
+        accepted, sent, secure = [], 0, None
         for attempt in range(config.round_retries + 1 if config.on_insufficient == "retry" else 1):
             strategy.attempt = attempt
             train_config = ConfigRecord({keys.PAYLOAD: json.dumps(payload, sort_keys=True)})
@@ -154,10 +186,14 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
                 trainer.configure_train(server_round, ArrayRecord(torch_state_dict=state), train_config, grid)
             )
             sent += len(messages)
-            replies = list(grid.send_and_receive(messages, timeout=strategy.timeout))
-            _failpoint("replied", server_round)
-            candidates, failures = strategy.decode(replies, strategy.sample_partitions(server_round))
-            accepted = validate(candidates, rules)
+            if config.secagg:  # the messages above are not sent: SecAgg+ runs its own four exchanges
+                accepted, failures, secure = _secure_attempt(grid, strategy, config, server_round, down, train_config)
+                candidates = []
+            else:
+                replies = list(grid.send_and_receive(messages, timeout=strategy.timeout))
+                _failpoint("replied", server_round)
+                candidates, failures = strategy.decode(replies, strategy.sample_partitions(server_round))
+                accepted = validate(candidates, rules)
             for entry in failures + [
                 {"partition": c.partition, "node": c.node, "reason": c.reason} for c in candidates if c.reason
             ]:
@@ -182,7 +218,12 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         update_log: dict[str, Any] = {}
         updates: list[ClientUpdate] = []
         dp_entry = None
-        if not skipped:
+        if not skipped and config.secagg:
+            method.set_state(model, {k: secure[k].to(state[k].dtype) for k in state})
+            update = method.server_update(server_round, model, {k: v for k, v in secure.items() if k not in state})
+            payload, extras, update_log = update.payload, update.extras, update.log
+            updates = [ClientUpdate(c.partition, {}, int(c.num_examples), float(c.train_loss)) for c in accepted]
+        elif not skipped:
             reply_of = {c.partition: r for r in replies for c in accepted if c.node == r.metadata.src_node_id}
             held = strategy.hold(reply_of, accepted, list(state))
             aggregated, _ = trainer.aggregate_train(server_round, held)
