@@ -313,7 +313,7 @@ def test_two_round_run(assets, tmp_path, method):
         )
     if method == "a3smoe":
         assert 0 <= rows[1]["idle_expert_fraction"] <= 1
-    if method == "merge":  # nothing trains: the same loss on the same ... clients, zero-round baseline
+    if method == "merge":  # nothing trains: the state is only the merge weights (a zero-round baseline)
         assert set(final) == {"merge.weights"}
     if method in ("mole", "smartfed_module", "a3smoe"):  # the routers/gates moved
         assert any(v.any() for k, v in final.items() if k.endswith("weight"))
