@@ -185,3 +185,13 @@ def test_compare_cli_two_methods_two_seeds(tmp_path):
             for m in ("fedit", "fedsa")
         ]
         assert sampled[0] == sampled[1]
+
+
+def test_compare_cli_errors_are_one_line():
+    base = ["compare", "--model_name_or_path", "m", "--lora_pool", "p"]
+    result = CliRunner().invoke(app, [*base, "--methods", "fedit,nosuch"])
+    assert result.exit_code == 2 and "unknown method 'nosuch'" in result.output and "Traceback" not in result.output
+    assert CliRunner().invoke(app, base).exit_code == 2  # --methods is required
+    help_text = CliRunner().invoke(app, ["compare", "--help"], terminal_width=200).output
+    assert "--methods" in help_text and "--seeds" in help_text and "--num_rounds" in help_text
+    assert "--method " not in help_text  # --methods replaces the run's --method

@@ -261,9 +261,10 @@ def _compare(
     typer.echo(f"wrote {report}")
 
 
-_compare.__signature__ = inspect.signature(_compare).replace(  # type: ignore[attr-defined]
-    parameters=[p for p in inspect.signature(_compare).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    + _run_options()
+_compare_own = inspect.signature(_compare, eval_str=True)  # resolved: typer reads the options in Annotated
+_compare.__signature__ = _compare_own.replace(  # type: ignore[attr-defined]
+    parameters=[p for p in _compare_own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    + [p for p in _run_options() if p.name != "method"]  # --methods replaces --method
 )
 app.command("compare")(_compare)
 
