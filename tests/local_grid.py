@@ -2,7 +2,8 @@
 
 One node per partition, each with its own ``Context`` (so ``context.state`` persists
 per node as in Flower's engines). ``fault(msg, context)`` may return a replacement
-reply to a TRAIN message (a hostile or broken client), raise (the client crashes), or return None
+reply to a TRAIN message (a hostile or broken client), ``LOST`` (no reply
+arrives: a timeout), raise (the client crashes), or return None
 (behave normally). Messages round-trip through Flower's own serialisation
 (``deflate``/``inflate``), like on the wire, so the server never shares tensors
 with a client.
@@ -23,7 +24,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
-Fault = Callable[[Message, Context], Message | None]
+Fault = Callable[[Message, Context], "Message | object | None"]
+LOST = object()  # a fault returning this: the reply never arrives (a timeout, a partition)
 
 
 def _wire(message: Message) -> Message:
@@ -54,6 +56,7 @@ class LocalGrid(Grid):
         self._run = None
         self.sent: list[Message] = []
         self.replies: list[Message] = []  # every reply as the server received it
+        self.timeouts: list[float | None] = []  # the timeout of each send_and_receive call
         # what Flower's ServerApp runtime sets before main(): messages take their ids from it
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
 
@@ -83,6 +86,8 @@ class LocalGrid(Grid):
             return Message(Error(ErrorCode.NODE_UNAVAILABLE, "node is gone"), reply_to=msg)
         try:
             reply = self.fault(msg, context) if self.fault and msg.metadata.message_type == MessageType.TRAIN else None
+            if reply is LOST:
+                return reply
             if reply is None:
                 reply = self.app(_wire(msg) if self.wire else msg, context)
         except Exception as err:  # what Flower's engines do with an exception in a ClientApp
@@ -90,6 +95,7 @@ class LocalGrid(Grid):
         return _wire(reply) if self.wire and reply.has_content() else reply
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self.timeouts.append(timeout)
         replies = []
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         for msg, n in zip(messages, itertools.count()):
@@ -97,7 +103,9 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_src_node_id"] = 0
             self.sent.append(msg)
             reply = self._deliver(msg)
-            if time.monotonic() <= deadline:  # a reply after the timeout is lost, as on a real link
+            if (
+                reply is not LOST and time.monotonic() <= deadline
+            ):  # a reply after the timeout is lost, as on a real link
                 replies.append(reply)
                 self.replies.append(reply)
         return replies

@@ -27,6 +27,8 @@ FLOWER_NAMES = ("flower-superlink", "flower-supernode", "flower-superexec", "flw
 # ~105 s on an idle 2-core machine (each Flower message starts a fresh flwr-clientapp that imports torch)
 RUN_TIMEOUT = 170  # the script gives up on the run (and cleans up) after this
 TEST_TIMEOUT = 210  # we kill the script's process group after this
+# the SuperNode-kill run waits up to --round-timeout (60 s) for the dead node, once or twice
+KILL_RUN_TIMEOUT = 420
 
 
 def _flower_superlink() -> str | None:
@@ -188,3 +190,73 @@ def test_deployment_engine_on_loopback(assets, tmp_path):
         assert (out / "checkpoints" / f"round_{r:04d}.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["config"]["num_clients"] == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the script and the kill need Linux /proc")
+@pytest.mark.skipif(_flower_superlink() is None, reason="flower-superlink is not installed (pip install flwr)")
+@pytest.mark.skipif(
+    shutil.which("setsid") is None or shutil.which("timeout") is None,
+    reason="the script needs setsid and timeout (util-linux, coreutils)",
+)
+def test_killing_a_supernode_mid_run_leaves_the_run_to_the_others(assets, tmp_path):
+    """3 SuperNodes; SuperNode 2 is SIGKILLed once round 1 is checkpointed. Round 2 samples partitions [1, 2]
+    (seed 7): partition 2 never answers, is dropped after --round-timeout (or as unavailable), and the run
+    finishes with partition 1's update."""
+    psutil = pytest.importorskip("psutil")
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    tag = f"smartfed-test-{uuid.uuid4().hex}"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SMARTFED_VENV": str(BIN.parent),
+        "SMARTFED_DEPLOY_TAG": tag,
+        "SMARTFED_DEPLOY_TIMEOUT": str(KILL_RUN_TIMEOUT),
+        "SMARTFED_STARTUP_TIMEOUT": "60",
+        "SMARTFED_DEPLOY_LOGS": str(logs),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    overrides = (
+        f'model-name-or-path="{assets["model"]}" lora-pool="{assets["pool"]}" task="arith" '
+        "num-rounds=2 sample-clients=2 local-steps=2 batch-size=4 learning-rate=0.05 topk-experts=4 "
+        "num-train=24 num-test=4 max-length=32 max-new-tokens=2 eval-every=2 seed=7 "
+        f'min-fit-clients=1 round-timeout=60.0 energy="none" output-dir="{out}"'
+    )
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "3", "--", overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    killed = None
+    try:
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while not (out / "checkpoints" / "round_0001.safetensors").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"deploy_local.sh ended before round 1 ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.2)
+        for node in _tagged(tag):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "flower-supernode" in _flower_cmdline(node) and "partition-id=2 " in _flower_cmdline(node):
+                    node.kill()  # SIGKILL: no goodbye to the SuperLink
+                    killed = node.pid
+        assert killed is not None, "SuperNode 2 not found"
+        output, _ = proc.communicate(timeout=KILL_RUN_TIMEOUT + 60)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        output, _ = proc.communicate()
+        pytest.fail(f"deploy_local.sh did not finish:\n{output[-4000:]}")
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    assert proc.returncode == 0, output[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["clients"] == [0, 1] and rows[0]["clients_replied"] == 2
+    assert rows[1]["clients"] == [1, 2] and rows[1]["clients_replied"] == 1 and not rows[1]["skipped"]
+    assert [d["partition"] for d in rows[1]["dropped"]] == [2], rows[1]["dropped"]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2

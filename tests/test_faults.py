@@ -8,7 +8,6 @@ raises in round 2.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from smartfed.methods.aggregation import (
 )
 
 from .conftest import save_tiny_assets
-from .local_grid import LocalGrid
+from .local_grid import LOST, LocalGrid
 
 # --- validation of one reply ---------------------------------------------------------------------
 STATE = {"r.w": torch.zeros(3, 2), "r.b": torch.zeros(2)}
@@ -190,11 +189,14 @@ def test_a_client_that_raises_or_times_out_is_dropped_and_the_next_round_samples
         if _round(msg) == 2 and _partition(msg, context) == 1:
             raise RuntimeError("disk full")
         if _round(msg) == 3 and _partition(msg, context) == 2:
-            time.sleep(1.2)  # past round_timeout: its reply arrives too late
+            return LOST  # no reply by the round timeout
         return None
 
-    config = make_config(assets, tmp_path / "run", round_timeout=1.0)
-    rows = _run(config, fault)
+    config = make_config(assets, tmp_path / "run", round_timeout=123.0)
+    grid = LocalGrid(make_client_app(config), config.num_clients, fault=fault)
+    run_server(grid, config, progress=False)
+    rows = _rows(Path(config.output_dir))
+    assert grid.timeouts[1:] == [123.0] * 3  # after the partition query, every round waits --round_timeout
     assert [r["clients"] for r in rows] == [[0, 1], [1, 2], [1, 2]]  # sampling is unchanged by failures
     assert rows[1]["dropped"] == [
         {"partition": 1, "node": 1001, "reason": "client error 2: RuntimeError: disk full", "attempt": 0}

@@ -192,7 +192,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
             else:
                 replies = list(grid.send_and_receive(messages, timeout=strategy.timeout))
                 _failpoint("replied", server_round)
-                candidates, failures = strategy.decode(replies, strategy.sample_partitions(server_round))
+                candidates, failures = strategy.decode(replies, messages)
                 accepted = validate(candidates, rules)
             for entry in failures + [
                 {"partition": c.partition, "node": c.node, "reason": c.reason} for c in candidates if c.reason

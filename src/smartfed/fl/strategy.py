@@ -98,7 +98,8 @@ class SmartFedStrategy(FedAvg):
             Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
             for node in grid.get_node_ids()
         ]
-        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+        # not the round timeout: a node's first message may wait for its ClientApp process to start
+        for reply in grid.send_and_receive(queries, timeout=max(self.timeout, wait_seconds)):
             if reply.has_error():
                 continue
             pid = int(reply.content[keys.METRICS][keys.PARTITION_ID])
@@ -113,18 +114,20 @@ class SmartFedStrategy(FedAvg):
             raise RuntimeError(f"no client answered for partition(s) {missing[:10]}")
         return self.node_of_partition
 
-    def decode(self, replies: Iterable[Message], sampled: Iterable[int]) -> tuple[list[Candidate], list[dict]]:
-        """(candidates to validate, failures) of one round's replies to the ``sampled`` partitions.
+    def decode(self, replies: Iterable[Message], messages: Iterable[Message]) -> tuple[list[Candidate], list[dict]]:
+        """(candidates to validate, failures) of the replies to one round's ``messages`` (already sent).
 
         A failure is a sampled client whose reply is an error (it raised, or its node
-        is gone), is missing (timed out), or cannot be decoded at all.
+        is gone), is missing (timed out), or cannot be decoded at all. Replies are
+        matched to messages by id: an error about a node may come from the SuperLink.
         """
         partition_of_node = {node: pid for pid, node in self.node_of_partition.items()}
-        waiting = set(sampled)
+        by_message = {m.metadata.message_id: partition_of_node[m.metadata.dst_node_id] for m in messages}
+        waiting = set(by_message.values())
         candidates, failures = [], []
         for reply in replies:
-            node = reply.metadata.src_node_id
-            pid = partition_of_node.get(node)
+            pid = by_message.get(reply.metadata.reply_to_message_id, partition_of_node.get(reply.metadata.src_node_id))
+            node = self.node_of_partition.get(pid, reply.metadata.src_node_id)
             if pid not in waiting:  # unknown node, or a second reply: never aggregated
                 failures.append({"partition": pid, "node": node, "reason": "unsolicited reply"})
                 continue
@@ -162,10 +165,11 @@ class SmartFedStrategy(FedAvg):
         """
         out = []
         self.held_extras = {}
+        in_state = set(state_keys)
         for c in accepted:
             reply = replies[c.partition]
             reply.content[keys.ARRAYS] = ArrayRecord(torch_state_dict={k: c.arrays[k] for k in state_keys})
-            self.held_extras[c.partition] = {k: v for k, v in c.arrays.items() if k not in set(state_keys)}
+            self.held_extras[c.partition] = {k: v for k, v in c.arrays.items() if k not in in_state}
             out.append(reply)
         return out
 
