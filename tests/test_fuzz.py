@@ -142,8 +142,33 @@ def test_jsonl_task_loader_accepts_or_names_the_problem(lines):
 
 
 # --- the CLI: one line, exit 2, no traceback --------------------------------------------------------
-def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
-    """name -> (extra `smartfed run` arguments, text the error line must contain)."""
+# name -> (extra `smartfed run` arguments, text the error line must contain); {bad}: the bad-files folder
+BAD_INPUTS = {
+    "unknown config key": (["--config", "{bad}/unknown.toml"], "num_roundz"),
+    "config value of the wrong type": (["--config", "{bad}/badtype.toml"], "learning_rate='fast'"),
+    "config file not UTF-8": (["--config", "{bad}/latin.toml"], "latin.toml"),
+    "config file not TOML": (["--config", "{bad}/notoml.toml"], "notoml.toml"),
+    "config file missing": (["--config", "{bad}/nope.toml"], "nope.toml"),
+    "bad flag value": (["--aggregation", "mode"], "aggregation='mode'"),
+    "bad flag combination": (["--dp", "server", "--aggregation", "median"], "dp='server'"),
+    "adapter folder missing": (["--lora_pool", "{bad}/nope"], "nope"),
+    "adapter folder empty": (["--lora_pool", "{bad}/emptydir"], "adapter_config.json"),
+    "adapter config not JSON": (["--lora_pool", "{bad}/brokenadapter"], "brokenadapter"),
+    "model path missing": (["--model_name_or_path", "{bad}/nomodel"], "nomodel"),
+    "model folder without config": (["--model_name_or_path", "{bad}/noconfig"], "no config.json"),
+    "model path a text file": (["--model_name_or_path", "{bad}/notes.txt"], "notes.txt"),
+    "GGUF that is not a model": (["--model_name_or_path", "{bad}/fake.gguf"], "not a GGUF file"),
+    "dataset missing a field": (["--task", "{bad}/missing.jsonl"], "no 'output' field"),
+    "dataset empty": (["--task", "{bad}/empty.jsonl"], "empty.jsonl"),
+    "dataset not UTF-8": (["--task", "{bad}/latin.jsonl"], "not valid UTF-8"),
+    "resume folder that is not a run": (["--resume", "{bad}/emptydir"], "not a SmartFed run folder"),
+    "resume folder with a damaged metrics.jsonl": (["--resume", "{bad}/run_metrics"], "not a SmartFed metrics file"),
+    "resume folder with a damaged checkpoint": (["--resume", "{bad}/run_checkpoint"], "cannot read it"),
+}
+
+
+def _write_bad_files(root: Path, model: Path, pool: str) -> Path:
+    """The bad files and folders BAD_INPUTS points at, under root/bad."""
     (root / "bad").mkdir(exist_ok=True)
     bad = root / "bad"
     files = {
@@ -163,37 +188,22 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
     (bad / "noconfig").mkdir(exist_ok=True)
     (bad / "brokenadapter").mkdir(exist_ok=True)
     (bad / "brokenadapter" / "adapter_config.json").write_text("{not json")
-    return {
-        "unknown config key": (["--config", str(bad / "unknown.toml")], "num_roundz"),
-        "config value of the wrong type": (["--config", str(bad / "badtype.toml")], "learning_rate='fast'"),
-        "config file not UTF-8": (["--config", str(bad / "latin.toml")], "latin.toml"),
-        "config file not TOML": (["--config", str(bad / "notoml.toml")], "notoml.toml"),
-        "config file missing": (["--config", str(bad / "nope.toml")], "nope.toml"),
-        "bad flag value": (["--aggregation", "mode"], "aggregation='mode'"),
-        "bad flag combination": (["--dp", "server", "--aggregation", "median"], "dp='server'"),
-        "adapter folder missing": (["--lora_pool", str(bad / "nope")], "nope"),
-        "adapter folder empty": (["--lora_pool", str(bad / "emptydir")], "adapter_config.json"),
-        "adapter config not JSON": (["--lora_pool", str(bad / "brokenadapter")], "brokenadapter"),
-        "model path missing": (["--model_name_or_path", str(bad / "nomodel")], "nomodel"),
-        "model folder without config": (["--model_name_or_path", str(bad / "noconfig")], "no config.json"),
-        "model path a text file": (["--model_name_or_path", str(bad / "notes.txt")], "notes.txt"),
-        "GGUF that is not a model": (["--model_name_or_path", str(bad / "fake.gguf")], "not a GGUF file"),
-        "dataset missing a field": (["--task", str(bad / "missing.jsonl")], "no 'output' field"),
-        "dataset empty": (["--task", str(bad / "empty.jsonl")], "empty.jsonl"),
-        "dataset not UTF-8": (["--task", str(bad / "latin.jsonl")], "not valid UTF-8"),
-        "resume folder that is not a run": (["--resume", str(bad / "emptydir")], "not a SmartFed run folder"),
-    }
+    config = json.dumps(RunConfig(model_name_or_path=str(model), lora_pool=pool, energy="none").to_dict())
+    for run, damage in [("run_metrics", "metrics.jsonl"), ("run_checkpoint", "checkpoints/round_0001.safetensors")]:
+        (bad / run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (bad / run / "config.json").write_text(config)
+        (bad / run / "metrics.jsonl").write_text('{"round": 1}\n')
+        (bad / run / damage).write_bytes(b'{"round": 1, "train_lo')  # what a torn write would leave
+    return bad
 
 
 @pytest.fixture(scope="module")
 def bad_inputs(assets) -> dict[str, tuple[list[str], str]]:
-    return _bad_inputs(assets["root"])
+    bad = _write_bad_files(assets["root"], assets["model"], f"{assets['adapter']},{assets['other']}")
+    return {name: ([a.format(bad=bad) for a in args], needle) for name, (args, needle) in BAD_INPUTS.items()}
 
 
-CASES = list(_bad_inputs(Path(tempfile.mkdtemp(prefix="smartfed-fuzz-names-"))))
-
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_cli_bad_input_is_one_line_exit_2(assets, bad_inputs, case):
     extra, needle = bad_inputs[case]
     base = [
