@@ -6,7 +6,10 @@ reply to a TRAIN message (a hostile or broken client), ``LOST`` (no reply
 arrives: a timeout), raise (the client crashes), or return None
 (behave normally). Messages round-trip through Flower's own serialisation
 (``deflate``/``inflate``), like on the wire, so the server never shares tensors
-with a client.
+with a client. Server and clients do share the process-wide runtime (one model
+object, as a Ray worker serving many clients does); the server loop sets the model's
+state from the aggregate before using it, and the kill-and-resume test checks that a
+LocalGrid run ends bit-identical to a run on Flower's simulation engine.
 """
 
 from __future__ import annotations
