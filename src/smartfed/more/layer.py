@@ -1,10 +1,22 @@
 """MoRE layer: a frozen base matrix plus top-K routed rank-one LoRA experts.
 
-    y = W0 x + B_t · (g(x) ⊙ s_t ⊙ (A_t x))            (SmartFed, seed 001; DESIGN.md §1)
+    y = W0 x + B_t · (s_t ⊙ g(x) ⊙ (A_t x))            (SmartFed, seed 001; DESIGN.md §1)
 
 Vectorised like PEFT's ``poly`` tuner: the M experts are stacked, so the layer
 does one matmul down (A_t) and one up (B_t), never a Python loop over experts.
-The per-expert scale s_t is folded into B_t once, at construction.
+
+Training-step cost is what decides whether a client prefers SmartFed to training
+a LoRA, so the routed part has a hand-written backward (``RoutedRankSpace``):
+composed of plain torch ops, autograd would record about ten nodes per matrix and
+keep the logits, the kept logits and their indices, the softmax output and
+several (tokens, M) products alive until backward. ``MoreLinear.forward_reference``
+is that plain composition, kept as the definition the fused path is tested
+against (tests/test_more_fast_path.py).
+
+The experts are the pool's tensors, not copies: A_t and the unscaled B_t share
+the pool's storage (when dtype and device match), and the per-expert scale s_t
+is applied to the (tokens, M) activations, which costs far less than a second,
+scaled copy of B_t per matrix.
 """
 
 from __future__ import annotations
@@ -12,10 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .config import MoreConfig
 from .pool import PoolModule
-from .router import Router, top_k_gates
+from .router import Router, top_k_gates, top_k_gates_backward
 
 
 def base_layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -28,8 +41,73 @@ def base_layer_features(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(layer).__name__} is neither an nn.Linear nor a Conv1D")
 
 
+class RoutedRankSpace(torch.autograd.Function):
+    """The routed rank-space activations ``h = s ⊙ g ⊙ z`` with ``z = A x``, as one autograd node.
+
+    Inputs: ``x (T, d_in)`` in the expert dtype; the router's ``weight (M, F)`` and
+    ``bias (M,)`` (or None) in the router dtype, with ``F = d_in`` for the linear
+    router (it reads x) and ``F = M`` for the rank router (it reads z); the frozen
+    ``lora_A (M, d_in)`` and ``scale (M,)``. Outputs ``h (T, M)`` and, for the
+    expert statistics, ``z (T, M)`` and the gates ``g (T, M)`` (not differentiable).
+
+    Why by hand: the backward needs only z, g and the router's input (x, which the
+    LoRA this replaces saves too, or z itself). Each gate's derivative is a
+    multiple of the gate (``top_k_gates_backward``), so dropped experts get exactly
+    zero without the top-K indices; the gradient reaching x through the frozen A
+    and through the router is one matmul plus one accumulating ``addmm_``; A and s
+    get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
+        z = x @ lora_A.t()  # (T, d_in) -> (T, M)
+        features = (x if router_kind == "linear" else z).to(weight.dtype)  # (T, F)
+        # (T, F) -> (T, M)
+        logits = features @ weight.t() if bias is None else torch.addmm(bias, features, weight.t())
+        gates = top_k_gates(logits, top_k, gate)  # (T, M), top_k nonzero per row
+        h = z * gates.to(z.dtype)
+        h.mul_(scale)  # (T, M): s_m folded into column m
+        ctx.save_for_backward(features, weight, lora_A, scale, z, gates)
+        ctx.top_k, ctx.gate, ctx.router_kind = top_k, gate, router_kind
+        ctx.mark_non_differentiable(z, gates)
+        ctx.set_materialize_grads(False)  # no zero tensors for the grads of z and g, which never get one
+        return h, z, gates
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h, _grad_z, _grad_gates):
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        if grad_h is None:
+            return (None,) * 8
+        features, weight, lora_A, scale, z, gates = ctx.saved_tensors
+        grad_hs = grad_h * scale  # (T, M): ∂L/∂(g ⊙ z)
+        grad_z = grad_hs * gates.to(grad_hs.dtype)  # (T, M): ∂L/∂z along h
+        u = (grad_hs * z).to(gates.dtype).mul_(gates)  # (T, M): g ⊙ ∂L/∂g
+        grad_logits = top_k_gates_backward(u, gates, ctx.top_k, ctx.gate)  # (T, M)
+        grad_weight = grad_logits.t() @ features if needs_weight else None  # (M, T) @ (T, F) -> (M, F)
+        grad_bias = grad_logits.sum(0) if needs_bias else None  # (M,)
+        grad_x = None
+        if needs_x:
+            same = weight.dtype == grad_z.dtype
+            if ctx.router_kind == "rank":  # the logits read z: their gradient joins z's before A
+                if same:
+                    grad_z.addmm_(grad_logits, weight)  # (T, M) += (T, M) @ (M, M)
+                else:
+                    grad_z += (grad_logits @ weight).to(grad_z.dtype)
+            grad_x = grad_z @ lora_A  # (T, M) @ (M, d_in) -> (T, d_in)
+            if ctx.router_kind == "linear":  # the logits read x: add their gradient in the same buffer
+                if same:
+                    grad_x.addmm_(grad_logits, weight)  # (T, d_in) += (T, M) @ (M, d_in)
+                else:
+                    grad_x += (grad_logits @ weight).to(grad_x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
 class MoreLinear(nn.Module):
     """Wraps one target matrix; only ``router`` is trainable."""
+
+    #: Run the routed part as one ``RoutedRankSpace`` node (False: ``forward_reference``'s plain ops).
+    use_fused: bool = True
 
     def __init__(
         self,
@@ -48,17 +126,25 @@ class MoreLinear(nn.Module):
         weight = base_layer.weight
         dtype = config.expert_torch_dtype(weight.dtype)
         device = weight.device
-        scaled_b = experts.B * experts.scale  # (d_out, M): s_m folded into column m
-        # Frozen, non-persistent: the experts live in the pool files, not in checkpoints.
+        # Frozen, non-persistent: the experts live in the pool files, not in checkpoints. ``.to`` returns the
+        # pool's own tensor when dtype and device already match, so A and B are shared with the pool, not copied.
         self.register_buffer("lora_A", experts.A.to(device=device, dtype=dtype), persistent=False)  # (M, d_in)
-        self.register_buffer("lora_B", scaled_b.to(device=device, dtype=dtype), persistent=False)  # (d_out, M)
+        self.register_buffer("expert_B", experts.B.to(device=device, dtype=dtype), persistent=False)  # (d_out, M)
+        self.register_buffer("expert_scale", experts.scale.to(device=device, dtype=dtype), persistent=False)  # (M,)
         self.register_buffer(
-            "expert_norm", scaled_b.norm(dim=0).to(device=device, dtype=torch.float32), persistent=False
-        )  # (M,)
+            "expert_norm",
+            (experts.B * experts.scale).norm(dim=0).to(device=device, dtype=torch.float32),
+            persistent=False,
+        )  # (M,): ‖s_m B_m‖
         self.router = Router(self.num_experts, experts.in_features, config, device=device, generator=generator)
         self.track_stats = False
         self.stat_token_mask: torch.Tensor | None = None  # (batch, seq) attention mask while tracking
         self._init_stats()
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """The scaled up-projection ``B_t · diag(s_t)`` (d_out, M), computed on demand (export, analysis)."""
+        return self.expert_B * self.expert_scale
 
     def _init_stats(self) -> None:
         device = self.lora_A.device
@@ -82,29 +168,61 @@ class MoreLinear(nn.Module):
         return z, top_k_gates(logits, self.top_k, self.gate)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.use_fused:
+            return self.forward_reference(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
+        x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)  # (..., d_in) -> (T, d_in)
+        h, z, gates = RoutedRankSpace.apply(
+            x2d,
+            self.router.weight,
+            self.router.bias,
+            self.lora_A,
+            self.expert_scale,
+            self.top_k,
+            self.gate,
+            self.router.kind,
+        )  # (T, M) each
+        if self.track_stats:
+            self._accumulate(result, z, gates)
+        result2d = result.reshape(-1, result.shape[-1])  # (..., d_out) -> (T, d_out)
+        if result2d.dtype == h.dtype:
+            out = torch.addmm(result2d, h, self.expert_B.t())  # W0 x + B h: the add rides on the matmul
+        else:
+            out = result2d + F.linear(h, self.expert_B).to(result2d.dtype)
+        return out.view(result.shape)  # (T, d_out) -> (..., d_out)
+
+    def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The same layer from plain torch ops, every step recorded by autograd: what ``forward`` must equal."""
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
         z, gates = self.route(x)
-        h = z * gates.to(z.dtype)  # (..., M): gated rank-space activations
-        delta = F.linear(h, self.lora_B)  # (..., M) -> (..., d_out)
+        h = z * gates.to(z.dtype) * self.expert_scale  # (..., M): gated, scaled rank-space activations
+        delta = F.linear(h, self.expert_B)  # (..., M) -> (..., d_out)
         if self.track_stats:
             self._accumulate(result, z, gates)
         return result + delta.to(result.dtype)
 
     @torch.no_grad()
     def _accumulate(self, result: torch.Tensor, z: torch.Tensor, gates: torch.Tensor) -> None:
-        """Per expert: gate mass and g_m ‖s_m B_m‖ |A_m x| / ‖W0 x‖ (DESIGN.md §2), summed over tokens."""
+        """Per expert: gate mass and g_m ‖s_m B_m‖ |A_m x| / ‖W0 x‖ (DESIGN.md §2), summed over tokens.
+
+        The sums over tokens are vector-matrix products with a per-token weight
+        (1 / ‖W0 x‖, times 0 for padding), not a boolean selection that copies.
+        """
         g = gates.detach().float().reshape(-1, self.num_experts)  # (N, M)
         a = z.detach().float().abs().reshape(-1, self.num_experts)  # (N, M)
-        base_norm = result.detach().float().reshape(-1, result.shape[-1]).norm(dim=-1, keepdim=True)  # (N, 1)
+        base_norm = torch.linalg.vector_norm(result.detach().float().reshape(-1, result.shape[-1]), dim=-1)  # (N,)
+        weight = base_norm.clamp_min(1e-6).reciprocal()  # (N,)
         mask = self.stat_token_mask
         if mask is not None and mask.numel() == g.shape[0]:  # padding tokens say nothing about the task
-            keep = mask.reshape(-1).to(torch.bool)  # (N,)
-            g, a, base_norm = g[keep], a[keep], base_norm[keep]
+            keep = (mask.reshape(-1) != 0).to(g.dtype)  # (N,) 1 for a real token, 0 for padding
+            weight.mul_(keep)
+            self.stat_gate_mass += (keep @ g).double()  # (N,) @ (N, M) -> (M,)
+            self.stat_tokens += keep.sum().double()
+        else:
+            self.stat_gate_mass += g.sum(0).double()
+            self.stat_tokens += g.shape[0]
         # ‖b_m (a_m)‖ = |a_m| ‖b_m‖: the norm of a rank-one output without forming it.
-        contribution = g * a * self.expert_norm / base_norm.clamp_min(1e-6)  # (N, M)
-        self.stat_gate_mass += g.sum(0).double()
-        self.stat_contribution += contribution.sum(0).double()
-        self.stat_tokens += g.shape[0]
+        self.stat_contribution += ((weight @ a.mul_(g)) * self.expert_norm).double()  # (N,) @ (N, M) -> (M,)
 
     def stats(self) -> dict[str, torch.Tensor | int]:
         """Means over the tokens seen since the last reset."""

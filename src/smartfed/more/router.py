@@ -42,7 +42,26 @@ def top_k_gates(logits: torch.Tensor, k: int, gate: str) -> torch.Tensor:
     if k >= logits.shape[-1]:
         return gate_fn(logits)
     kept, index = logits.topk(k, dim=-1, sorted=False)  # (..., k)
-    return torch.zeros_like(logits).scatter(-1, index, gate_fn(kept))  # (..., M)
+    return torch.zeros_like(logits).scatter_(-1, index, gate_fn(kept))  # (..., M)
+
+
+def top_k_gates_backward(u: torch.Tensor, gates: torch.Tensor, k: int, gate: str) -> torch.Tensor:
+    """The gradient of the loss w.r.t. the logits of ``top_k_gates``, from ``u = gates ⊙ ∂L/∂gates`` (..., M).
+
+    Closed forms of the three gates, restricted to the kept experts. Every one of
+    them is a multiple of the gate, so a dropped expert (gate exactly 0) gets
+    exactly 0 without knowing which were kept: the backward needs neither the
+    top-K indices nor the kept logits, only the dense gates saved by the forward.
+
+    - softmax ``p``, scaled by ``c`` (``c = K`` for scaled_softmax, 1 for softmax),
+      ``g = c p``: ``∂L/∂l = g ⊙ ∂L/∂g - p Σ_j g_j ∂L/∂g_j = u - (g / c) Σ_j u_j``;
+    - sigmoid ``g = σ(l)``: ``∂L/∂l = ∂L/∂g ⊙ g (1 - g) = u (1 - g)``.
+    """
+    if gate == "sigmoid":
+        return torch.addcmul(u, u, gates, value=-1.0)  # (..., M)
+    scale = min(k, gates.shape[-1]) if gate == "scaled_softmax" else 1
+    total = u.sum(-1, keepdim=True).div_(scale)  # (..., 1)
+    return torch.addcmul(u, gates, total, value=-1.0)  # (..., M)
 
 
 class Router(nn.Module):
