@@ -186,18 +186,25 @@ def make_lora(base: nn.Module, batch: dict[str, torch.Tensor]) -> Variant:
 
 
 def make_smartfed(
-    base: nn.Module, pool: LoraPool, router: str, batch: dict[str, torch.Tensor], *, stats: bool = True
+    base: nn.Module,
+    pool: LoraPool,
+    router: str,
+    batch: dict[str, torch.Tensor],
+    *,
+    stats: bool = True,
+    fused: bool = True,
 ) -> Variant:
     model = attach_more(share(base), pool, MoreConfig(top_k=TOP_K, router=router))
+    for layer in model.more_layers().values():
+        layer.use_fused = fused  # False: the plain-autograd reference layer (MoreLinear.forward_reference)
     model.train()
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
     # Expert statistics on during every step, as inside SmartFed.local_train (reset=False: they add up here).
     around = (lambda: model.tracking_expert_stats(reset=False)) if stats else contextlib.nullcontext
     step = _train_step(model, optimizer, batch, around)
-    return Variant(
-        f"SmartFed {router}", model, optimizer, step, router=router, trainable=sum(p.numel() for p in params)
-    )
+    name = f"SmartFed {router}" if fused else f"SmartFed {router} ref"
+    return Variant(name, model, optimizer, step, router=router, trainable=sum(p.numel() for p in params))
 
 
 # --- measurements --------------------------------------------------------------------------
@@ -349,13 +356,13 @@ def report(
         "client training step time",
     ]
     header = (
-        f"  {'variant':<16} {'median ms':>10} {'min ms':>9} {'IQR/med':>8} {'CPU ms':>9} {'loss':>7} | "
+        f"  {'variant':<20} {'median ms':>10} {'min ms':>9} {'IQR/med':>8} {'CPU ms':>9} {'loss':>7} | "
         f"{'vs LoRA':>7} {'target':>7} verdict | {'min/min':>7} {'CPU/CPU':>7}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for v in variants:
         cpu = statistics.median(v.cpu_ms)
-        row = f"  {v.name:<16} {v.median_ms:10.1f} {min(v.times_ms):9.1f} {v.spread:8.0%} {cpu:9.1f} {v.loss:7.3f} |"
+        row = f"  {v.name:<20} {v.median_ms:10.1f} {min(v.times_ms):9.1f} {v.spread:8.0%} {cpu:9.1f} {v.loss:7.3f} |"
         if v is not lora:
             ratio = v.median_ms / lora.median_ms
             row += (
@@ -373,14 +380,14 @@ def report(
         f"memory of one step, MiB ({step_memory}; the shared base weights, {_mib(base_bytes)} MiB, left out)",
     ]
     header = (
-        f"  {'variant':<16} {'trainable':>9} {'grads':>7} {'AdamW':>7} {'frozen':>7} {'activ.':>8} {'total':>8} | "
+        f"  {'variant':<20} {'trainable':>9} {'grads':>7} {'AdamW':>7} {'frozen':>7} {'activ.':>8} {'total':>8} | "
         f"{'vs LoRA':>7} {'target':>7} verdict | {'w/ base':>7}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for v in variants:
         m = v.memory
         row = (
-            f"  {v.name:<16} {_mib(m['trainable']):>9} {_mib(m['grads']):>7} {_mib(m['adamw']):>7} "
+            f"  {v.name:<20} {_mib(m['trainable']):>9} {_mib(m['grads']):>7} {_mib(m['adamw']):>7} "
             f"{_mib(m['frozen']):>7} {_mib(m['step']):>8} {_mib(v.memory_total):>8} |"
         )
         if v is not lora:
@@ -395,12 +402,12 @@ def report(
         "bytes sent up per client per round",
     ]
     header = (
-        f"  {'variant':<16} {'state B':>11} {'importance B':>12} {'total B':>11} | {'vs LoRA':>7} {'target':>7} verdict "
+        f"  {'variant':<20} {'state B':>11} {'importance B':>12} {'total B':>11} | {'vs LoRA':>7} {'target':>7} verdict "
         f"{'LoRA/this':>9} | {'trainable params':>16} {'% of model':>10}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for v in variants:
-        row = f"  {v.name:<16} {v.uplink['state']:>11,} {v.uplink['importance']:>12,} {v.uplink_total:>11,} |"
+        row = f"  {v.name:<20} {v.uplink['state']:>11,} {v.uplink['importance']:>12,} {v.uplink_total:>11,} |"
         if v is lora:
             row += " " * 35 + " |"
         else:
@@ -447,6 +454,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_false",
         help="SmartFed steps without expert statistics (the importance it sends comes from them; for attribution)",
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time SmartFed with the plain-autograd reference layer ('SmartFed <router> ref'), "
+        "to see what the fused layer saves",
+    )
     parser.add_argument("--profile", action="store_true", help="print the top ops by self CPU time of one step each")
     parser.add_argument("--profile-rows", type=int, default=12)
     parser.add_argument("--profile-steps", type=int, default=2, help="steps per variant under the profiler")
@@ -482,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool = LoraPool.load(paths)
     variants = [make_lora(base, batch)]
     variants += [make_smartfed(base, pool, router, batch, stats=args.stats) for router in args.routers]
+    if args.reference:
+        variants += [make_smartfed(base, pool, router, batch, stats=args.stats, fused=False) for router in args.routers]
     layers = next(iter(variants[1].model.more_layers().values())) if len(variants) > 1 else None
     experts = layers.num_experts if layers is not None else RANK * POOL_SIZE
 
