@@ -164,6 +164,8 @@ def test_hostile_replies_are_dropped_and_logged(assets, tmp_path):
     def fault(msg, context):
         if _partition(msg, context) != 1:
             return None
+        if _round(msg) == 4:
+            return Message(RecordDict(), reply_to=msg)  # an empty reply
         honest = app(msg, context).content[keys.ARRAYS].to_torch_state_dict()
         name = sorted(k for k in honest if ".router." in k)[0]
         forged = {
@@ -173,14 +175,15 @@ def test_hostile_replies_are_dropped_and_logged(assets, tmp_path):
         }
         return _forged(msg, forged[_round(msg)])
 
-    config = make_config(assets, tmp_path / "run", sample_clients=3)
+    config = make_config(assets, tmp_path / "run", sample_clients=3, num_rounds=4)
     rows = _run(config, fault)
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
     reasons = {r["round"]: [d["reason"] for d in r["dropped"]] for r in rows}
-    assert [d["partition"] for r in rows for d in r["dropped"]] == [1, 1, 1]
+    assert [d["partition"] for r in rows for d in r["dropped"]] == [1, 1, 1, 1]
     assert "non-finite" in reasons[1][0] and "exceeds the bound" in reasons[2][0] and "missing key" in reasons[3][0]
+    assert reasons[4] == ["reply lacks its arrays or metrics record"]
     assert all(r["clients_replied"] == 2 and not r["skipped"] for r in rows)
-    final = load_file(Path(config.output_dir) / "checkpoints" / "round_0003.safetensors")
+    final = load_file(Path(config.output_dir) / "checkpoints" / "round_0004.safetensors")
     assert all(bool(torch.isfinite(v).all()) for v in final.values())
 
 

@@ -30,7 +30,7 @@ from .test_faults import _run, assets, make_config  # noqa: F401 (assets is a fi
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-ROUNDS = 4
+ROUNDS = 3
 SERVER = """
 import json, sys
 from smartfed.fl.client_app import make_client_app

@@ -44,12 +44,17 @@ def combine_for(config: RunConfig, reference: Mapping[str, torch.Tensor]) -> Com
     return combine
 
 
-_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit|Interrupt)\b.*)$")
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit|Interrupt))\b[^:]*: (\S.*)$")
+_WRAPPERS = ("RayTaskError", "ClientAppException")  # the engines' own wrappers around the client's exception
 
 
 def _last_exception(reason: str) -> str:
-    """The last ``SomeError: message`` line of an error reason (engines wrap it in their own traceback)."""
-    lines = [m[1] for line in reason.splitlines() if (m := _EXCEPTION_LINE.match(line))]
+    """The client's own ``SomeError: message`` line of an error reason (engines wrap it in their tracebacks)."""
+    lines = [
+        f"{m[1].rsplit('.', 1)[-1]}: {m[2]}"
+        for line in reason.splitlines()
+        if (m := _EXCEPTION_LINE.match(line)) and not any(w in m[1] for w in _WRAPPERS)
+    ]
     text = lines[-1].rstrip("'>") if lines else reason
     return " ".join(text.split())[:300]
 
