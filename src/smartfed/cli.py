@@ -22,12 +22,35 @@ zoo_app = typer.Typer(help="The example LoRA pool of the default benchmark.", no
 app.add_typer(zoo_app, name="zoo")
 
 
-@app.command()
-def demo(seed: Annotated[int, typer.Option(help="Random seed of the demo.")] = 0) -> None:
-    """Route the rank-one experts of two tiny skill adapters to solve a task neither solves alone."""
-    from .demo import run_demo
+def _demo(
+    tiny: Annotated[bool, typer.Option("--tiny", help="The 20-second tiny-model demo instead.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --tiny demo.")] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    **values: Any,
+) -> None:
+    """Compose two skill adapters of the example zoo on SmolLM2-135M with SmartFed, against the baselines."""
+    if tiny:
+        from .demo import run_demo
 
-    run_demo(Console(), seed=seed)
+        run_demo(Console(), seed=seed)
+        return
+    from .composition import CompositionConfig, run_composition
+
+    try:
+        config = CompositionConfig(**values)
+    except ValueError as err:
+        _error_exit(err, debug)
+    try:
+        run_composition(config, Console())
+    except (FileNotFoundError, ValueError) as err:
+        _error_exit(err, debug)
+
+
+def _demo_signature() -> inspect.Signature:
+    from .composition import CompositionConfig
+
+    base = [p for p in inspect.signature(_demo, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    return inspect.signature(_demo, eval_str=True).replace(parameters=base + _dataclass_options(CompositionConfig))
 
 
 @pool_app.command("inspect")
@@ -143,8 +166,8 @@ def _check_paths(config) -> None:
     load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)  # bad data files
 
 
-_run.__signature__ = inspect.signature(_run).replace(  # type: ignore[attr-defined]
-    parameters=[p for p in inspect.signature(_run).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+_run.__signature__ = inspect.signature(_run, eval_str=True).replace(  # type: ignore[attr-defined]
+    parameters=[p for p in inspect.signature(_run, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     + _run_options()
 )
 app.command("run")(_run)
@@ -187,11 +210,13 @@ def _zoo_build(
 def _zoo_signature() -> inspect.Signature:
     from .zoo import ZooConfig
 
-    base = [p for p in inspect.signature(_zoo_build).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    return inspect.signature(_zoo_build).replace(parameters=base + _dataclass_options(ZooConfig))
+    base = [p for p in inspect.signature(_zoo_build, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    return inspect.signature(_zoo_build, eval_str=True).replace(parameters=base + _dataclass_options(ZooConfig))
 
 
 _zoo_build.__signature__ = _zoo_signature()  # type: ignore[attr-defined]
+_demo.__signature__ = _demo_signature()  # type: ignore[attr-defined]
+app.command("demo")(_demo)
 zoo_app.command("build")(_zoo_build)
 
 
