@@ -149,7 +149,8 @@ def _check_paths(config) -> None:
     from .more import LoraPool
     from .zoo import resolve_pool
 
-    LoraPool.load(resolve_pool(config.lora_pool))  # names the missing or broken adapter
+    if config.lora_pool:
+        LoraPool.load(resolve_pool(config.lora_pool))  # names the missing or broken adapter
     model = Path(config.model_name_or_path).expanduser()
     if config.model_name_or_path.startswith((".", "/", "~")) and not model.exists():
         raise FileNotFoundError(f"--model_name_or_path {config.model_name_or_path}: no such folder")

@@ -40,6 +40,7 @@ from .fl.run_config import RunConfig
 from .fl.run_folder import CHECKPOINTS, CONFIG_FILE, POOL_FILE, RunFolder
 from .more import LoraPool, MoreConfig, MoreModel, attach_more
 from .more.model import ROUTER_CONFIG_KEY, ROUTER_EXPERTS_KEY, ROUTER_QUOTAS_KEY
+from .zoo import resolve_pool
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -105,7 +106,7 @@ def _load_pool(folder: RunFolder, config: RunConfig, pool: PoolSource | None, ve
     if isinstance(pool, LoraPool):
         loaded = pool
     else:
-        sources = config.lora_pool if pool is None else pool
+        sources = resolve_pool(config.lora_pool) if pool is None else pool
         if not sources:
             raise ValueError(f"run folder {folder.path}: config.json has no lora_pool and no pool= was given")
         if isinstance(sources, (str, os.PathLike)):
@@ -180,7 +181,8 @@ def load(
 
     folder, config = _run_folder(run_dir)
     server_round = _checkpoint_round(folder, checkpoint)
-    lora_pool = _load_pool(folder, config, pool, verify_pool)
+    uses_pool = bool(config.lora_pool or pool is not None)  # methods that train from scratch record no pool
+    lora_pool = _load_pool(folder, config, pool, verify_pool) if uses_pool else None
     load_builtin_methods()
     method = get_method_class(config.method)(config)
     model, tokenizer = load_model_and_tokenizer(config.model_name_or_path)

@@ -212,10 +212,15 @@ class RunConfig:
         return [values[i % len(values)] for i in range(self.num_clients)]
 
     def require_sources(self) -> None:
-        """The two fields without a usable default."""
-        for name in ("model_name_or_path", "lora_pool"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+        """The fields without a usable default: the model, and the pool when the method reads one."""
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required")
+        if not self.lora_pool:
+            from ..methods import get_method_class, load_builtin_methods
+
+            load_builtin_methods()
+            if getattr(get_method_class(self.method), "uses_pool", True):
+                raise ValueError(f"--lora_pool is required by method {self.method!r}")
 
     # --- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

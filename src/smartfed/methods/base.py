@@ -93,6 +93,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    uses_pool: ClassVar[bool] = True  # False: the method trains from scratch and needs no --lora_pool
 
     @abstractmethod
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> nn.Module:

@@ -163,6 +163,8 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tens
 class LoraMethod(Method):
     """A PEFT LoRA trained from scratch, its A and B communicated (FedIT's protocol; the others refine it)."""
 
+    uses_pool = False  # a LoRA trained from scratch: the pool is not read
+
     def __init__(self, config: RunConfig) -> None:
         self.config = config
 
