@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from smartfed.fl.run_config import RunConfig
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
@@ -86,6 +90,42 @@ def save_tiny_assets(root: Path) -> tuple[Path, Path, Path]:
     a = make_adapter(model, root / "math", r=4, alpha=8, seed=1)
     b = make_adapter(model, root / "json", r=4, alpha=8, seed=2)
     return root / "model", a, b
+
+
+@pytest.fixture(scope="module")
+def run_assets(tmp_path_factory) -> dict[str, str]:
+    """A saved tiny model and a two-adapter pool spec, shared by a test module's federated runs."""
+    model_dir, a, b = save_tiny_assets(tmp_path_factory.mktemp("run_assets"))
+    return {"model": str(model_dir), "pool": f"{a},{b}"}
+
+
+def tiny_run_config(assets: dict[str, str], out: Path, method: str, **overrides: object) -> RunConfig:
+    """A 2-round, 3-client, 2-sampled run of `method` on the tiny assets; `overrides` replace any field."""
+    from smartfed.fl.run_config import RunConfig
+
+    values = dict(
+        model_name_or_path=assets["model"],
+        lora_pool=assets["pool"],
+        method=method,
+        task="arith",
+        num_clients=3,
+        sample_clients=2,
+        num_rounds=2,
+        local_steps=2,
+        batch_size=4,
+        learning_rate=1e-2,
+        lora_rank=4,
+        lora_alpha=8.0,
+        num_train=24,
+        num_test=4,
+        max_length=32,
+        max_new_tokens=2,
+        energy="none",
+        seed=3,
+        output_dir=str(out),
+    )
+    values.update(overrides)
+    return RunConfig(**values)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from smartfed.methods.lorahub import LorahubOptions, LorahubSearch
 from smartfed.methods.merge import MergeOptions, merge_pool
 from smartfed.more import LoraPool
 
-from .conftest import make_adapter, save_tiny_assets, tiny_llama
+from .conftest import make_adapter, tiny_llama, tiny_run_config
 
 load_builtin_methods()
 EXPERT_METHODS = ("fedlease", "a3smoe", "merge", "lorahub", "mole", "smartfed_module")
@@ -263,39 +263,13 @@ def test_bad_method_options_quote_the_value(method, options, message):
 
 
 # --- every method through Flower's simulation and the run folder -------------------------------
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, str]:
-    model_dir, a, b = save_tiny_assets(tmp_path_factory.mktemp("expert_assets"))
-    return {"model": str(model_dir), "pool": f"{a},{b}"}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", EXPERT_METHODS)
-def test_two_round_run(assets, tmp_path, method):
+def test_two_round_run(run_assets, tmp_path, method):
     out = tmp_path / method
-    config = RunConfig(
-        model_name_or_path=assets["model"],
-        lora_pool=assets["pool"],
-        method=method,
-        task="arith",
-        num_clients=3,
-        sample_clients=3,  # fedlease clusters the 3 warm-up clients
-        num_rounds=2,
-        local_steps=2,
-        batch_size=4,
-        learning_rate=1e-2,
-        topk_experts=4,
-        lora_rank=4,
-        lora_alpha=8.0,
-        client_budgets="1,0.5",
-        num_train=24,
-        num_test=4,
-        max_length=32,
-        max_new_tokens=2,
-        energy="none",
-        seed=3,
-        output_dir=str(out),
-    )
+    config = tiny_run_config(
+        run_assets, out, method, sample_clients=3, topk_experts=4, client_budgets="1,0.5"
+    )  # fedlease clusters the 3 warm-up clients
     run_simulation(config, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

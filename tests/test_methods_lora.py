@@ -17,7 +17,7 @@ from smartfed.methods import ClientUpdate, LocalTrainConfig, get_method_class, l
 from smartfed.methods.flora import stack_lora
 from smartfed.methods.lora_common import client_rank, lora_layers, lora_state, truncate_state
 
-from .conftest import save_tiny_assets, tiny_llama
+from .conftest import tiny_llama, tiny_run_config
 
 load_builtin_methods()
 
@@ -328,39 +328,6 @@ def test_fedsa_shares_a_only_and_keeps_b_private():
 
 
 # --- 2-round federated runs through the run folder ------------------------------------------------
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("lora_assets")
-    model_dir, a, b = save_tiny_assets(root)
-    return {"model": str(model_dir), "pool": f"{a},{b}"}
-
-
-def tiny_run_config(assets: dict[str, str], out: Path, method: str, **overrides) -> RunConfig:
-    values = dict(
-        model_name_or_path=assets["model"],
-        lora_pool=assets["pool"],
-        method=method,
-        task="arith",
-        num_clients=3,
-        sample_clients=2,
-        num_rounds=2,
-        local_steps=2,
-        batch_size=4,
-        learning_rate=1e-2,
-        lora_rank=4,
-        lora_alpha=8.0,
-        num_train=24,
-        num_test=4,
-        max_length=32,
-        max_new_tokens=2,
-        energy="none",
-        seed=3,
-        output_dir=str(out),
-    )
-    values.update(overrides)
-    return RunConfig(**values)
-
-
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -382,10 +349,10 @@ RANKS = {0: 4, 1: 2, 2: 4}  # lora_rank 4, client_budgets "1,0.5" cycled over 3 
         pytest.param("hetlora", marks=pytest.mark.slow),
     ],
 )
-def test_two_round_run(assets, tmp_path, method):
+def test_two_round_run(run_assets, tmp_path, method):
     """Each baseline through Flower's simulation and the run folder, with heterogeneous budgets."""
     out = tmp_path / method
-    run_simulation(tiny_run_config(assets, out, method, client_budgets="1,0.5"), progress=False)
+    run_simulation(tiny_run_config(run_assets, out, method, client_budgets="1,0.5"), progress=False)
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
     hetero = method in ("flexlora", "flora", "hetlora")  # fedit and fedsa have one rank for all
