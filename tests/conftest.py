@@ -128,6 +128,16 @@ def tiny_run_config(assets: dict[str, str], out: Path, method: str, **overrides:
     return RunConfig(**values)
 
 
+def run_in_process(config: RunConfig) -> None:
+    """The real ServerApp loop and ClientApp on an in-process Grid (messages serialised as on the wire), no Ray."""
+    from smartfed.fl.client_app import make_client_app
+    from smartfed.fl.server_app import run_server
+
+    from .local_grid import LocalGrid
+
+    run_server(LocalGrid(make_client_app(config), config.num_clients), config, progress=False)
+
+
 @pytest.fixture
 def llama() -> Callable[[], LlamaForCausalLM]:
     """A factory of identical fresh tiny Llamas (each test wraps its own copy)."""

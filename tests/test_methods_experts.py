@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from smartfed.fl.run_config import RunConfig
-from smartfed.fl.simulation import run_simulation
 from smartfed.methods import ClientUpdate, LocalTrainConfig, get_method_class, list_methods, load_builtin_methods
 from smartfed.methods.a3smoe import activation_aware_weights, client_top_k
 from smartfed.methods.ablations import ABLATIONS
@@ -20,7 +19,7 @@ from smartfed.methods.lorahub import LorahubOptions, LorahubSearch
 from smartfed.methods.merge import MergeOptions, merge_pool
 from smartfed.more import LoraPool
 
-from .conftest import make_adapter, tiny_llama, tiny_run_config
+from .conftest import make_adapter, run_in_process, tiny_llama, tiny_run_config
 
 load_builtin_methods()
 EXPERT_METHODS = ("fedlease", "a3smoe", "merge", "lorahub", "mole", "smartfed_module")
@@ -263,14 +262,13 @@ def test_bad_method_options_quote_the_value(method, options, message):
 
 
 # --- every method through Flower's simulation and the run folder -------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("method", EXPERT_METHODS)
 def test_two_round_run(run_assets, tmp_path, method):
     out = tmp_path / method
     config = tiny_run_config(
         run_assets, out, method, sample_clients=3, topk_experts=4, client_budgets="1,0.5"
     )  # fedlease clusters the 3 warm-up clients
-    run_simulation(config, progress=False)
+    run_in_process(config)  # the ServerApp and ClientApp without Ray (test_methods_lora runs fedit on Ray)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:

@@ -17,7 +17,7 @@ from smartfed.methods import ClientUpdate, LocalTrainConfig, get_method_class, l
 from smartfed.methods.flora import stack_lora
 from smartfed.methods.lora_common import client_rank, lora_layers, lora_state, truncate_state
 
-from .conftest import tiny_llama, tiny_run_config
+from .conftest import run_in_process, tiny_llama, tiny_run_config
 
 load_builtin_methods()
 
@@ -342,17 +342,21 @@ RANKS = {0: 4, 1: 2, 2: 4}  # lora_rank 4, client_budgets "1,0.5" cycled over 3 
 @pytest.mark.parametrize(
     "method",
     [
-        "fedit",
-        pytest.param("fedsa", marks=pytest.mark.slow),
-        pytest.param("flexlora", marks=pytest.mark.slow),
-        pytest.param("flora", marks=pytest.mark.slow),
-        pytest.param("hetlora", marks=pytest.mark.slow),
+        "fedit",  # on Flower's simulation engine (Ray); the others in-process, same ServerApp and ClientApp
+        "fedsa",
+        "flexlora",
+        "flora",
+        "hetlora",
     ],
 )
 def test_two_round_run(run_assets, tmp_path, method):
     """Each baseline through Flower's simulation and the run folder, with heterogeneous budgets."""
     out = tmp_path / method
-    run_simulation(tiny_run_config(run_assets, out, method, client_budgets="1,0.5"), progress=False)
+    config = tiny_run_config(run_assets, out, method, client_budgets="1,0.5")
+    if method == "fedit":
+        run_simulation(config, progress=False)
+    else:
+        run_in_process(config)
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
     hetero = method in ("flexlora", "flora", "hetlora")  # fedit and fedsa have one rank for all
