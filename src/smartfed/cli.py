@@ -49,7 +49,11 @@ def _demo(
 def _demo_signature() -> inspect.Signature:
     from .composition import CompositionConfig
 
-    base = [p for p in inspect.signature(_demo, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    base = [
+        p
+        for p in inspect.signature(_demo, eval_str=True).parameters.values()
+        if p.kind != inspect.Parameter.VAR_KEYWORD
+    ]
     return inspect.signature(_demo, eval_str=True).replace(parameters=base + _dataclass_options(CompositionConfig))
 
 
@@ -168,7 +172,9 @@ def _check_paths(config) -> None:
 
 
 _run.__signature__ = inspect.signature(_run, eval_str=True).replace(  # type: ignore[attr-defined]
-    parameters=[p for p in inspect.signature(_run, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    parameters=[
+        p for p in inspect.signature(_run, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD
+    ]
     + _run_options()
 )
 app.command("run")(_run)
@@ -179,7 +185,9 @@ def _dataclass_options(cls: type) -> list[inspect.Parameter]:
     params = []
     for f in fields(cls):
         option = typer.Option(f.default, f"--{f.name}", help=f.metadata.get("help", ""))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=type(f.default)))
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=type(f.default))
+        )
     return params
 
 
@@ -204,14 +212,20 @@ def _zoo_build(
         table.add_column(column)
     for name, info in manifest["adapters"].items():
         own = info["scores"][info["task"]]
-        table.add_row(name, f"{own:.3f}", *(f"{v:.3f}" for v in info["scores"].values()), f"{info['bytes'] / 2**20:.1f}")
+        table.add_row(
+            name, f"{own:.3f}", *(f"{v:.3f}" for v in info["scores"].values()), f"{info['bytes'] / 2**20:.1f}"
+        )
     Console().print(table)
 
 
 def _zoo_signature() -> inspect.Signature:
     from .zoo import ZooConfig
 
-    base = [p for p in inspect.signature(_zoo_build, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    base = [
+        p
+        for p in inspect.signature(_zoo_build, eval_str=True).parameters.values()
+        if p.kind != inspect.Parameter.VAR_KEYWORD
+    ]
     return inspect.signature(_zoo_build, eval_str=True).replace(parameters=base + _dataclass_options(ZooConfig))
 
 
