@@ -52,6 +52,7 @@ from .eval.programs import per_example_scores
 
 MAX_NEW_TOKENS = 16
 EVAL_BATCH = 32
+MEMORISATION_ITEMS = 100  # training items re-scored after training: train vs held-out score
 
 
 @dataclass
@@ -74,7 +75,9 @@ class CompositionConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (against memorisation)."})
     topk_experts: int = field(default=8, metadata={"help": "SmartFed K."})
     lora_rank: int = field(default=16, metadata={"help": "FedIT's LoRA rank."})
-    eval_every: int = field(default=1, metadata={"help": "Rounds between held-out evaluations (plots)."})
+    eval_every: int = field(
+        default=2, metadata={"help": "Rounds between held-out evaluations (plots); the last round always."}
+    )
     controls: bool = field(default=False, metadata={"help": "Also run the controls (continued FT, static gate)."})
     out: str = field(default="runs/demo", metadata={"help": "Output folder."})
 
@@ -319,7 +322,8 @@ def run_composition(config: CompositionConfig, console: Console | None = None) -
             )
             run = federated_run(config, seed, pool_spec, method, out / f"seed{seed}" / method)
             items = score_items(run["model"], tokenizer, task, test)
-            train_items = score_items(run["model"], tokenizer, task, train.select(range(min(len(train), len(test)))))
+            seen = train.select(range(min(len(train), MEMORISATION_ITEMS)))
+            train_items = score_items(run["model"], tokenizer, task, seen)
             seed_out[method] = {
                 "items": items,
                 "train_score": sum(train_items) / len(train_items),  # memorisation check: train vs held-out
