@@ -240,9 +240,17 @@ def render_markdown(runs: Sequence[RunRecord], rows: Sequence[MethodRow], target
             "Settings that differ between runs: " + "; ".join(f"`{k}` {v}" for k, v in differences.items()) + "."
         )
     lines += ["", "Runs:", ""]
-    lines += [f"- `{r.path}` ({r.label}, seed {r.config.get('seed')})" for r in runs]
+    lines += [f"- `{display_path(r.path)}` ({r.label}, seed {r.config.get('seed')})" for r in runs]
     lines += ["", f"Plots: [{PLOT_ROUND}]({PLOT_ROUND}), [{PLOT_UPLINK}]({PLOT_UPLINK}).", ""]
     return "\n".join(lines)
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when under it (a report that can be committed), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _mean_curve(points: Sequence[dict[float, float]]) -> tuple[list[float], list[float], list[float]]:
@@ -318,7 +326,7 @@ def write_report(
         out / COMPARISON_JSON,
         {
             "target": target,
-            "methods": {row.label: {**row.stats, "runs": [str(r.path) for r in row.runs]} for row in rows},
+            "methods": {row.label: {**row.stats, "runs": [display_path(r.path) for r in row.runs]} for row in rows},
         },
     )
     if plots:
