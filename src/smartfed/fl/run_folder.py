@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..files import sibling_temp_file
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -28,9 +29,9 @@ PAYLOAD_KEY = "smartfed.payload"
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = sibling_temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -82,8 +83,7 @@ class RunFolder:
     def save_checkpoint(self, server_round: int, tensors: dict[str, torch.Tensor], payload: dict[str, Any]) -> Path:
         path = self.checkpoint_path(server_round)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = sibling_temp_file(path)
         try:
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()},

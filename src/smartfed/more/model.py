@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import sibling_temp_file
 from .config import MoreConfig
 from .layer import MoreLinear, base_layer_features
 from .pool import LoraPool
@@ -180,8 +180,7 @@ class MoreModel(nn.Module):
             ROUTER_QUOTAS_KEY: json.dumps(self.quotas()),
         }
         state = {k: v.contiguous().cpu() for k, v in self.router_state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = sibling_temp_file(path)
         try:
             save_file(state, tmp, metadata=metadata)
             os.replace(tmp, path)
