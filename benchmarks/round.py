@@ -18,6 +18,7 @@ iteration) and the median of each is reported.
 
     .venv/bin/python benchmarks/round.py                 # 30 layers, batch 8 x 48 tokens, ~3 minutes on 2 cores
     .venv/bin/python benchmarks/round.py --quick         # smoke run: 2 layers, tiny batch, seconds
+    .venv/bin/python benchmarks/round.py --pool-rank 16 --top-k 16   # pool's total rank = the LoRA's
     .venv/bin/python benchmarks/round.py --layers 4 --repeats 5
     .venv/bin/python benchmarks/round.py --profile       # also: top ops by self CPU time, one step per variant
 
@@ -136,11 +137,11 @@ def share(base: nn.Module) -> nn.Module:
     return copy.deepcopy(base, memo)
 
 
-def make_adapter(base: nn.Module, path: Path, seed: int) -> Path:
-    """A PEFT LoRA adapter (rank 32, alpha 64, q/v) with random A and B, written by save_pretrained."""
+def make_adapter(base: nn.Module, path: Path, seed: int, rank: int = RANK) -> Path:
+    """A PEFT LoRA adapter (rank ``rank``, alpha 2·rank, q/v) with random A and B, written by save_pretrained."""
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=RANK, lora_alpha=ALPHA, target_modules=list(TARGET_MODULES), lora_dropout=0.0, init_lora_weights=False
+        r=rank, lora_alpha=2 * rank, target_modules=list(TARGET_MODULES), lora_dropout=0.0, init_lora_weights=False
     )
     peft_model = get_peft_model(share(base), config)
     gen = torch.Generator().manual_seed(seed)
@@ -193,8 +194,9 @@ def make_smartfed(
     *,
     stats: bool = True,
     fused: bool = True,
+    top_k: int = TOP_K,
 ) -> Variant:
-    model = attach_more(share(base), pool, MoreConfig(top_k=TOP_K, router=router))
+    model = attach_more(share(base), pool, MoreConfig(top_k=top_k, router=router))
     for layer in model.more_layers().values():
         layer.use_fused = fused  # False: the plain-autograd reference layer (MoreLinear.forward_reference)
     model.train()
@@ -349,8 +351,8 @@ def report(
         f"{base_params:,} parameters ({_mib(base_bytes)} MiB fp32, shared by all variants)",
         f"batch {args.batch} x {args.seq} tokens (the same for all); step = forward + backward + AdamW(lr {LEARNING_RATE})",
         f"LoRA: rank {RANK}, alpha {ALPHA}, dropout 0 on {', '.join(TARGET_MODULES)} | SmartFed: pool of {POOL_SIZE} "
-        f"adapters rank {RANK} alpha {ALPHA} on {', '.join(TARGET_MODULES)} -> M = {experts} experts x {matrices} "
-        f"matrices, top-K {TOP_K}, gate scaled_softmax, expert statistics {'on' if args.stats else 'OFF'}",
+        f"adapters rank {args.pool_rank} alpha {2 * args.pool_rank} on {', '.join(TARGET_MODULES)} -> M = {experts} "
+        f"experts x {matrices} matrices, top-K {args.top_k}, gate scaled_softmax, expert statistics {'on' if args.stats else 'OFF'}",
         f"timing: median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up step(s)",
         "",
         "client training step time",
@@ -445,6 +447,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=None, help="untimed steps per variant first (default 2; quick: 1)"
     )
     parser.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS))
+    parser.add_argument(
+        "--pool-rank",
+        type=int,
+        default=RANK,
+        help=f"rank of each of the {POOL_SIZE} pool adapters (default {RANK}: M = {POOL_SIZE * RANK}, twice the "
+        f"LoRA's rank; {RANK // POOL_SIZE}: the pool's total rank equals the LoRA's)",
+    )
+    parser.add_argument("--top-k", type=int, default=TOP_K, help=f"SmartFed's K (default {TOP_K})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
@@ -491,14 +501,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
     with tempfile.TemporaryDirectory(prefix="smartfed-round-") as tmp:
-        paths = [make_adapter(base, Path(tmp) / f"adapter{i}", seed=args.seed + 10 + i) for i in range(POOL_SIZE)]
+        paths = [
+            make_adapter(base, Path(tmp) / f"adapter{i}", seed=args.seed + 10 + i, rank=args.pool_rank)
+            for i in range(POOL_SIZE)
+        ]
         pool = LoraPool.load(paths)
     variants = [make_lora(base, batch)]
-    variants += [make_smartfed(base, pool, router, batch, stats=args.stats) for router in args.routers]
+    kw = {"stats": args.stats, "top_k": args.top_k}
+    variants += [make_smartfed(base, pool, router, batch, **kw) for router in args.routers]
     if args.reference:
-        variants += [make_smartfed(base, pool, router, batch, stats=args.stats, fused=False) for router in args.routers]
+        variants += [make_smartfed(base, pool, router, batch, fused=False, **kw) for router in args.routers]
     layers = next(iter(variants[1].model.more_layers().values())) if len(variants) > 1 else None
-    experts = layers.num_experts if layers is not None else RANK * POOL_SIZE
+    experts = layers.num_experts if layers is not None else args.pool_rank * POOL_SIZE
 
     others = time_interleaved(variants, device, args.repeats, args.warmup)
     for v in variants:
