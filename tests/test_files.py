@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from smartfed.files import sibling_temp_file
+from smartfed.files import sibling_temp_dir, sibling_temp_file
 from smartfed.fl.run_folder import atomic_write_bytes
 
 
@@ -26,3 +26,12 @@ def test_atomic_write_follows_the_umask(tmp_path):
 def test_sibling_temp_file_is_empty_and_beside_the_target(tmp_path):
     tmp = sibling_temp_file(tmp_path / "router.safetensors")
     assert os.path.dirname(tmp) == str(tmp_path) and os.path.getsize(tmp) == 0
+
+
+def test_sibling_temp_dir_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = sibling_temp_dir(tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    assert folder.parent == tmp_path and stat.S_IMODE(folder.stat().st_mode) == 0o755

@@ -46,6 +46,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .data.collate import encode_examples, encode_prompt
+from .files import sibling_temp_dir
 from .more import MoreModel
 
 REPORT_FILE = "smartfed_export.json"
@@ -275,7 +276,7 @@ def export_peft(
         )
     report = ExportReport(output=output, rank=rank, matrices=matrices, info=dict(info or {}))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    tmp = sibling_temp_dir(output)
     try:
         peft_model.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

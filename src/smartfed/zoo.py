@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from .data import batches, load_task
 from .data.composite import COMPOSITES, SKILLS
 from .eval import evaluate_task
+from .files import sibling_temp_dir
 
 MANIFEST = "manifest.json"
 ZOO_PREFIX = "zoo:"
@@ -167,7 +167,7 @@ def build_zoo(config: ZooConfig, out_dir: str | os.PathLike[str], *, command: st
         started = time.monotonic()
         model, info = _train_adapter(base, tokenizer, skill, config)
         scores = {t: _score(model, tokenizer, t, config) for t in [SKILLS[skill], *COMPOSITES]}
-        staging = Path(tempfile.mkdtemp(prefix=f".{skill}.", dir=out))
+        staging = sibling_temp_dir(out / skill)
         model.save_pretrained(staging)
         final = out / skill
         shutil.rmtree(final, ignore_errors=True)
