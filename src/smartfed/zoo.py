@@ -157,11 +157,19 @@ def build_zoo(config: ZooConfig, out_dir: str | os.PathLike[str], *, command: st
         "torch": torch.__version__,
         "adapters": {},
     }
-    if (out / MANIFEST).is_file():  # rebuilding some skills keeps the others' records
-        manifest["adapters"] = {k: v for k, v in read_manifest(out)["adapters"].items() if k not in config.skill_list()}
+    previous_base_scores: dict[str, float] = {}
+    if (out / MANIFEST).is_file():  # rebuilding some skills keeps the others' records, each with its own command
+        previous = read_manifest(out)
+        previous_base_scores = previous.get("base_scores", {})
+        manifest["adapters"] = {
+            k: {"command": previous.get("command"), "config": previous.get("config"), **v}
+            for k, v in previous["adapters"].items()
+            if k not in config.skill_list()
+        }
     base, tokenizer = load_model_and_tokenizer(config.base_model)
     manifest["base_scores"] = {
-        t: _score(base, tokenizer, t, config) for t in [*(SKILLS[s] for s in config.skill_list()), *COMPOSITES]
+        **previous_base_scores,
+        **{t: _score(base, tokenizer, t, config) for t in [*(SKILLS[s] for s in config.skill_list()), *COMPOSITES]},
     }
     for skill in config.skill_list():
         started = time.monotonic()
@@ -177,6 +185,8 @@ def build_zoo(config: ZooConfig, out_dir: str | os.PathLike[str], *, command: st
         if size > MAX_ADAPTER_BYTES:
             raise ValueError(f"zoo: adapter {final} is {size} bytes, over the {MAX_ADAPTER_BYTES}-byte limit")
         manifest["adapters"][skill] = {
+            "command": manifest["command"],
+            "config": manifest["config"],
             **info,
             "scores": scores,
             "bytes": size,
