@@ -5,20 +5,23 @@ parameter tensors are shared, not copied) and trains on the SAME batch:
 
 - LoRA (FedIT): a fresh PEFT LoRA, rank 32, alpha 64 on q_proj and v_proj
   (``get_peft_model``, dropout 0); it trains and sends A and B.
-- SmartFed: ``attach_more`` over a pool of 2 PEFT adapters (each rank 32, alpha 64 on
-  q_proj and v_proj, random weights, saved to a temporary folder and read back with
-  ``LoraPool.load``), top-K 32 of M = 64 rank-one experts per matrix; it trains and
+- SmartFed: ``attach_more`` over a pool of 2 PEFT adapters (alpha 2·rank on q_proj and
+  v_proj, random weights, saved to a temporary folder and read back with
+  ``LoraPool.load``), top-K = M/2 of the M rank-one experts per matrix; it trains and
   sends only the routers (``router_state_dict``) plus the per-expert importance
   vector (M floats per matrix). The step runs with expert statistics on, as
-  ``SmartFed.local_train`` does (the importance comes from them).
+  ``SmartFed.local_train`` does (the importance comes from them). By default two
+  pools are measured in the same run: adapters of rank 16 (M = 32, the pool's total
+  rank equals the LoRA's: what the router itself adds) and of rank 32 (M = 64: twice
+  the LoRA's rank, so twice its low-rank matmuls whatever the router costs).
 
 A step is forward + backward + AdamW step (lr 5e-4), as in ``Method.local_train``.
 After a warm-up the variants' steps are interleaved (the order rotates every
 iteration) and the median of each is reported.
 
-    .venv/bin/python benchmarks/round.py                 # 30 layers, batch 8 x 48 tokens, ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/round.py                 # 30 layers, batch 8 x 48 tokens, ~4 minutes on 2 cores
     .venv/bin/python benchmarks/round.py --quick         # smoke run: 2 layers, tiny batch, seconds
-    .venv/bin/python benchmarks/round.py --pool-rank 16 --top-k 16   # pool's total rank = the LoRA's
+    .venv/bin/python benchmarks/round.py --pool-rank 16  # only the pool whose total rank = the LoRA's
     .venv/bin/python benchmarks/round.py --layers 4 --repeats 5
     .venv/bin/python benchmarks/round.py --profile       # also: top ops by self CPU time, one step per variant
 
@@ -28,6 +31,10 @@ backward (``saved_tensors_hooks``, deduplicated by storage, parameters and buffe
 left out). To either is added what each variant keeps resident beside the shared base
 weights: trainable parameters, their gradients, the AdamW state and (SmartFed) the
 frozen experts (layer buffers and the pool, deduplicated by storage).
+
+Arithmetic: the "MAC vs LoRA" column is the ratio of the multiply-adds of the low-rank
+matmuls per token, forward and backward, from the shapes (``low_rank_macs``): the part
+of the step where the variants differ; the frozen base's share is the same for all.
 
 A benchmark, not a test: the targets are printed next to the measurements, never
 asserted, and the script always exits 0.
@@ -73,7 +80,7 @@ SMOLLM2_135M = {
 RANK, ALPHA = 32, 64
 TARGET_MODULES = ("q_proj", "v_proj")
 POOL_SIZE = 2
-TOP_K = 32
+POOL_RANKS = (RANK // POOL_SIZE, RANK)  # total rank = the LoRA's, then twice it
 ROUTERS = ("linear", "rank")
 LEARNING_RATE = 5e-4
 # Targets, SmartFed / LoRA. Time and memory: both pay the frozen base's forward and
@@ -91,6 +98,9 @@ class Variant:
     optimizer: torch.optim.Optimizer
     step: Callable[[], torch.Tensor]  # returns the detached loss
     router: str | None = None  # None for LoRA
+    experts: int = 0  # SmartFed's M per matrix
+    top_k: int = 0
+    macs: int = 0  # low-rank multiply-adds per token, forward + backward (low_rank_macs)
     times_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # this process's CPU time (all threads) per step
     loss: float = float("nan")
@@ -194,8 +204,10 @@ def make_smartfed(
     *,
     stats: bool = True,
     fused: bool = True,
-    top_k: int = TOP_K,
+    top_k: int | None = None,
 ) -> Variant:
+    experts = next(iter(pool.modules.values())).num_experts  # M per matrix (the same for all here)
+    top_k = experts // 2 if top_k is None else top_k
     model = attach_more(share(base), pool, MoreConfig(top_k=top_k, router=router))
     for layer in model.more_layers().values():
         layer.use_fused = fused  # False: the plain-autograd reference layer (MoreLinear.forward_reference)
@@ -205,8 +217,26 @@ def make_smartfed(
     # Expert statistics on during every step, as inside SmartFed.local_train (reset=False: they add up here).
     around = (lambda: model.tracking_expert_stats(reset=False)) if stats else contextlib.nullcontext
     step = _train_step(model, optimizer, batch, around)
-    name = f"SmartFed {router}" if fused else f"SmartFed {router} ref"
-    return Variant(name, model, optimizer, step, router=router, trainable=sum(p.numel() for p in params))
+    name = f"SmartFed {router} M={experts}" + ("" if fused else " ref")
+    trainable = sum(p.numel() for p in params)
+    return Variant(name, model, optimizer, step, router=router, experts=experts, top_k=top_k, trainable=trainable)
+
+
+def low_rank_macs(router: str | None, width: int, shapes: Iterable[tuple[int, int]]) -> int:
+    """Multiply-adds per token of the low-rank matmuls, forward + backward, over matrices ``(d_in, d_out)``.
+
+    ``width`` is the LoRA's rank r (``router`` None) or SmartFed's M. Per matrix:
+    LoRA: A x, B (A x); backward ∂B, ∂(A x), ∂A, ∂x: 3 r (d_in + d_out).
+    SmartFed rank router: A x, logits W_r z (M²), B h; backward ∂h, ∂W_r, ∂z via the
+    router, ∂x: 2 M (d_in + d_out) + 3 M². Linear router: A x, W_r x, B h; backward
+    ∂h, ∂W_r, ∂x through A and through W_r: M (5 d_in + 2 d_out).
+    """
+    per_matrix = {
+        None: lambda d_in, d_out: 3 * width * (d_in + d_out),
+        "rank": lambda d_in, d_out: 2 * width * (d_in + d_out) + 3 * width**2,
+        "linear": lambda d_in, d_out: width * (5 * d_in + 2 * d_out),
+    }[router]
+    return sum(per_matrix(d_in, d_out) for d_in, d_out in shapes)
 
 
 # --- measurements --------------------------------------------------------------------------
@@ -320,6 +350,14 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
+NAME = 24  # width of the variant column
+
+
+def _top_k_text(smartfed: Sequence[Variant]) -> str:
+    ks = sorted({(v.experts, v.top_k) for v in smartfed})
+    return ", ".join(f"{k} of M={m}" for m, k in ks) or "-"
+
+
 def _verdict(ratio: float, target: float) -> str:
     return "PASS" if ratio <= target else "MISS"
 
@@ -333,7 +371,6 @@ def report(
     base_bytes: int,
     others: float | None,
     matrices: int,
-    experts: int,
 ) -> str:
     lora = variants[0]
     smartfed = variants[1:]
@@ -350,46 +387,51 @@ def report(
         f"kv heads {SMOLLM2_135M['num_key_value_heads']}, vocab {SMOLLM2_135M['vocab_size']}, tied embeddings; "
         f"{base_params:,} parameters ({_mib(base_bytes)} MiB fp32, shared by all variants)",
         f"batch {args.batch} x {args.seq} tokens (the same for all); step = forward + backward + AdamW(lr {LEARNING_RATE})",
-        f"LoRA: rank {RANK}, alpha {ALPHA}, dropout 0 on {', '.join(TARGET_MODULES)} | SmartFed: pool of {POOL_SIZE} "
-        f"adapters rank {args.pool_rank} alpha {2 * args.pool_rank} on {', '.join(TARGET_MODULES)} -> M = {experts} "
-        f"experts x {matrices} matrices, top-K {args.top_k}, gate scaled_softmax, expert statistics {'on' if args.stats else 'OFF'}",
+        f"LoRA: rank {RANK}, alpha {ALPHA}, dropout 0 on {', '.join(TARGET_MODULES)} | SmartFed M=<M>: a pool of "
+        f"{POOL_SIZE} adapters of rank M/{POOL_SIZE}, alpha 2·rank, on {', '.join(TARGET_MODULES)} -> M rank-one "
+        f"experts x {matrices} matrices, top-K {_top_k_text(smartfed)}, gate scaled_softmax, expert statistics "
+        f"{'on' if args.stats else 'OFF'}",
         f"timing: median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up step(s)",
         "",
         "client training step time",
     ]
     header = (
-        f"  {'variant':<20} {'median ms':>10} {'min ms':>9} {'IQR/med':>8} {'CPU ms':>9} {'loss':>7} | "
-        f"{'vs LoRA':>7} {'target':>7} verdict | {'min/min':>7} {'CPU/CPU':>7}"
+        f"  {'variant':<{NAME}} {'median ms':>10} {'min ms':>9} {'IQR/med':>8} {'CPU ms':>9} {'loss':>7} | "
+        f"{'vs LoRA':>7} {'target':>7} verdict | {'min/min':>7} {'CPU/CPU':>7} | {'MAC vs LoRA':>11}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for v in variants:
         cpu = statistics.median(v.cpu_ms)
-        row = f"  {v.name:<20} {v.median_ms:10.1f} {min(v.times_ms):9.1f} {v.spread:8.0%} {cpu:9.1f} {v.loss:7.3f} |"
+        row = (
+            f"  {v.name:<{NAME}} {v.median_ms:10.1f} {min(v.times_ms):9.1f} {v.spread:8.0%} {cpu:9.1f} {v.loss:7.3f} |"
+        )
         if v is not lora:
             ratio = v.median_ms / lora.median_ms
             row += (
                 f" {ratio:7.3f} {'<= ' + format(TIME_TARGET, '.2f'):>7} {_verdict(ratio, TIME_TARGET)}    | "
-                f"{min(v.times_ms) / min(lora.times_ms):7.3f} {cpu / statistics.median(lora.cpu_ms):7.3f}"
+                f"{min(v.times_ms) / min(lora.times_ms):7.3f} {cpu / statistics.median(lora.cpu_ms):7.3f} | "
+                f"{v.macs / lora.macs:11.2f}"
             )
         lines.append(row)
     share = "n/a" if others is None else f"{others:.0%}"
     lines += [
         "  vs LoRA: ratio of the median wall times (the verdict); min/min: of the fastest steps; CPU/CPU: of the "
-        "median CPU times of this process (both less sensitive to other load)",
+        "median CPU times of this process (both less sensitive to other load); MAC vs LoRA: multiply-adds of the "
+        "low-rank matmuls per token, forward + backward, from the shapes (the rest of the step is the same for all)",
         f"  other processes used {share} of the machine's CPU during the timed steps "
         "(above ~10%, or IQR/med above ~10%: rerun before reading the ratios)",
         "",
         f"memory of one step, MiB ({step_memory}; the shared base weights, {_mib(base_bytes)} MiB, left out)",
     ]
     header = (
-        f"  {'variant':<20} {'trainable':>9} {'grads':>7} {'AdamW':>7} {'frozen':>7} {'activ.':>8} {'total':>8} | "
+        f"  {'variant':<{NAME}} {'trainable':>9} {'grads':>7} {'AdamW':>7} {'frozen':>7} {'activ.':>8} {'total':>8} | "
         f"{'vs LoRA':>7} {'target':>7} verdict | {'w/ base':>7}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for v in variants:
         m = v.memory
         row = (
-            f"  {v.name:<20} {_mib(m['trainable']):>9} {_mib(m['grads']):>7} {_mib(m['adamw']):>7} "
+            f"  {v.name:<{NAME}} {_mib(m['trainable']):>9} {_mib(m['grads']):>7} {_mib(m['adamw']):>7} "
             f"{_mib(m['frozen']):>7} {_mib(m['step']):>8} {_mib(v.memory_total):>8} |"
         )
         if v is not lora:
@@ -404,12 +446,12 @@ def report(
         "bytes sent up per client per round",
     ]
     header = (
-        f"  {'variant':<20} {'state B':>11} {'importance B':>12} {'total B':>11} | {'vs LoRA':>7} {'target':>7} verdict "
+        f"  {'variant':<{NAME}} {'state B':>11} {'importance B':>12} {'total B':>11} | {'vs LoRA':>7} {'target':>7} verdict "
         f"{'LoRA/this':>9} | {'trainable params':>16} {'% of model':>10}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for v in variants:
-        row = f"  {v.name:<20} {v.uplink['state']:>11,} {v.uplink['importance']:>12,} {v.uplink_total:>11,} |"
+        row = f"  {v.name:<{NAME}} {v.uplink['state']:>11,} {v.uplink['importance']:>12,} {v.uplink_total:>11,} |"
         if v is lora:
             row += " " * 35 + " |"
         else:
@@ -422,7 +464,7 @@ def report(
         lines.append(row)
     lines.append(
         "  state: LoRA A and B (get_peft_model_state_dict) or SmartFed router_state_dict(); importance: "
-        f"{experts} float32 per matrix x {matrices} matrices, sent beside the router"
+        f"M float32 per matrix x {matrices} matrices, sent beside the router"
     )
     for v in smartfed:
         ratio = v.uplink_total / lora.uplink_total
@@ -450,11 +492,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pool-rank",
         type=int,
-        default=RANK,
-        help=f"rank of each of the {POOL_SIZE} pool adapters (default {RANK}: M = {POOL_SIZE * RANK}, twice the "
-        f"LoRA's rank; {RANK // POOL_SIZE}: the pool's total rank equals the LoRA's)",
+        nargs="+",
+        default=list(POOL_RANKS),
+        help=f"rank of each of the {POOL_SIZE} adapters of a pool, one pool per value (default "
+        f"{' '.join(map(str, POOL_RANKS))}: M = {POOL_SIZE * POOL_RANKS[0]}, the LoRA's rank, and "
+        f"M = {POOL_SIZE * POOL_RANKS[1]}, twice it)",
     )
-    parser.add_argument("--top-k", type=int, default=TOP_K, help=f"SmartFed's K (default {TOP_K})")
+    parser.add_argument("--top-k", type=int, default=None, help="SmartFed's K (default: M/2 for each pool)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
@@ -483,6 +527,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.warmup = 1 if args.quick else 2
     if args.layers < 1 or args.batch < 1 or args.seq < 2 or args.repeats < 1 or args.warmup < 1:
         parser.error("--layers, --batch, --repeats and --warmup must be >= 1 and --seq >= 2")
+    if min(args.pool_rank) < 1 or (args.top_k is not None and not 1 <= args.top_k <= POOL_SIZE * min(args.pool_rank)):
+        parser.error(f"--pool-rank must be >= 1 and --top-k between 1 and M; got {args.pool_rank} and {args.top_k}")
     return args
 
 
@@ -500,19 +546,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     input_ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen).to(device)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
-    with tempfile.TemporaryDirectory(prefix="smartfed-round-") as tmp:
-        paths = [
-            make_adapter(base, Path(tmp) / f"adapter{i}", seed=args.seed + 10 + i, rank=args.pool_rank)
-            for i in range(POOL_SIZE)
-        ]
-        pool = LoraPool.load(paths)
     variants = [make_lora(base, batch)]
     kw = {"stats": args.stats, "top_k": args.top_k}
-    variants += [make_smartfed(base, pool, router, batch, **kw) for router in args.routers]
-    if args.reference:
-        variants += [make_smartfed(base, pool, router, batch, fused=False, **kw) for router in args.routers]
-    layers = next(iter(variants[1].model.more_layers().values())) if len(variants) > 1 else None
-    experts = layers.num_experts if layers is not None else args.pool_rank * POOL_SIZE
+    for pool_rank in args.pool_rank:
+        with tempfile.TemporaryDirectory(prefix="smartfed-round-") as tmp:
+            paths = [
+                make_adapter(base, Path(tmp) / f"adapter{i}", seed=args.seed + 10 + i, rank=pool_rank)
+                for i in range(POOL_SIZE)
+            ]
+            pool = LoraPool.load(paths)
+        variants += [make_smartfed(base, pool, router, batch, **kw) for router in args.routers]
+        if args.reference:
+            variants += [make_smartfed(base, pool, router, batch, fused=False, **kw) for router in args.routers]
+    shapes = [(pm.in_features, pm.out_features) for pm in pool.modules.values()]
+    for v in variants:
+        v.macs = low_rank_macs(v.router, v.experts if v.router else RANK, shapes)
 
     others = time_interleaved(variants, device, args.repeats, args.warmup)
     for v in variants:
@@ -527,7 +575,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_bytes=base_bytes,
             others=others,
             matrices=len(pool.modules),
-            experts=experts,
         ),
         flush=True,
     )

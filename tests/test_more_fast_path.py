@@ -1,4 +1,9 @@
-"""The fused MoRE layer (``RoutedRankSpace``) equals its plain-autograd reference: outputs, gradients, statistics."""
+"""The fused MoRE layer equals its plain-autograd reference: outputs, gradients, statistics.
+
+Two fused paths: ``RoutedLinear`` (the whole layer as one node, for a frozen
+``nn.Linear`` base) and ``RoutedRankSpace`` (the routed part only, for any other
+base: here a transformers ``Conv1D``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import itertools
 import pytest
 import torch
 from torch.testing import assert_close
+from transformers.pytorch_utils import Conv1D
 
 from smartfed import LoraPool, MoreConfig, attach_more
 from smartfed.more.layer import MoreLinear
@@ -15,9 +21,21 @@ from smartfed.more.pool import PoolModule
 D_IN, D_OUT, M = 24, 20, 12
 
 
-def _layer(router: str, gate: str, top_k: int, bias: bool, dtype: torch.dtype = torch.float32) -> MoreLinear:
+def _base(kind: str, gen: torch.Generator) -> torch.nn.Module:
+    if kind == "linear":
+        return torch.nn.Linear(D_IN, D_OUT)
+    conv = Conv1D(D_OUT, D_IN)  # GPT-2 style, weight (d_in, d_out)
+    with torch.no_grad():
+        conv.weight.normal_(0.0, 0.2, generator=gen)
+        conv.bias.normal_(0.0, 0.2, generator=gen)
+    return conv
+
+
+def _layer(
+    router: str, gate: str, top_k: int, bias: bool, dtype: torch.dtype = torch.float32, base: str = "linear"
+) -> MoreLinear:
     gen = torch.Generator().manual_seed(0)
-    base = torch.nn.Linear(D_IN, D_OUT).to(dtype).requires_grad_(False)
+    base = _base(base, gen).to(dtype).requires_grad_(False)
     experts = PoolModule(
         name="proj",
         A=torch.randn(M, D_IN, generator=gen) / D_IN**0.5,  # (M, d_in)
@@ -48,6 +66,7 @@ def _run(layer: MoreLinear, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor,
     return (out.detach(), x.grad, *(p.grad for p in layer.router.parameters()))
 
 
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
 @pytest.mark.parametrize(
     ("router", "gate", "top_k", "bias"),
     [
@@ -56,9 +75,10 @@ def _run(layer: MoreLinear, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor,
         ("rank", "sigmoid", 5, False),
     ],
 )
-def test_fused_equals_reference(router, gate, top_k, bias):
-    layer = _layer(router, gate, top_k, bias)
+def test_fused_equals_reference(router, gate, top_k, bias, base):
+    layer = _layer(router, gate, top_k, bias, base=base)
     x = torch.randn(3, 7, D_IN, generator=torch.Generator().manual_seed(1))
+    assert layer._base_is_fusable(x) == (base == "linear")  # RoutedLinear for nn.Linear, RoutedRankSpace else
     fused, reference = _run(layer, x, True), _run(layer, x, False)
     assert len(fused) == len(reference) == (4 if bias else 3)
     for got, expected in zip(fused, reference, strict=True):  # same maths, ops fused in another order
@@ -77,9 +97,34 @@ def test_fused_bfloat16_experts_float32_router():
         assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_input_without_grad_still_trains_the_router():
+def test_base_not_fused_when_hooked_trainable_or_autocast():
+    """Whatever must see the base run as a module keeps it a module: the path changes, the output does not."""
+    layer = _layer("linear", "scaled_softmax", 5, True)
+    x = torch.randn(2, 3, D_IN, generator=torch.Generator().manual_seed(1))
+    expected = layer(x).detach()
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda *_: calls.append(1))
+    assert not layer._base_is_fusable(x)
+    assert_close(layer(x).detach(), expected)
+    assert calls == [1]
+    handle.remove()
+    layer.base_layer.weight.requires_grad_(True)
+    assert not layer._base_is_fusable(x)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None  # W0 trained as the user asked
+    layer.base_layer.weight.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._base_is_fusable(x)
+        out = layer(x)
+        out.float().sum().backward()
+    assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+    assert layer._base_is_fusable(x)
+
+
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_input_without_grad_still_trains_the_router(base):
     """As in the first decoder layer: x does not require grad, the router still gets its gradient."""
-    layer = _layer("rank", "scaled_softmax", 5, True)
+    layer = _layer("rank", "scaled_softmax", 5, True, base=base)
     x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(1))
     grads = []
     for fused in (True, False):
@@ -91,8 +136,9 @@ def test_input_without_grad_still_trains_the_router():
         assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_statistics_equal_reference():
-    layer = _layer("linear", "scaled_softmax", 5, True)
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_fused_statistics_equal_reference(base):
+    layer = _layer("linear", "scaled_softmax", 5, True, base=base)
     x = torch.randn(2, 6, D_IN, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0

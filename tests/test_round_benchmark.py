@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -23,13 +24,33 @@ def test_round_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
         sys.modules.pop(spec.name, None)
     out = capsys.readouterr().out
     assert "torch" in out and "threads" in out and "hidden 576" in out
-    for router in ("linear", "rank"):
-        rows = [line for line in out.splitlines() if line.strip().startswith(f"SmartFed {router} ")]
+    assert "MAC vs LoRA" in out
+    for router, experts in itertools.product(("linear", "rank"), (32, 64)):  # the default pools: M = 32 and 64
+        name = f"SmartFed {router} M={experts}"
+        rows = [line for line in out.splitlines() if line.strip().startswith(f"{name} ")]
         # one row each for step time, memory and uplink, every one with a ratio and a verdict
-        assert len(rows) == 3, f"expected 3 rows for the {router} router in:\n{out}"
+        assert len(rows) == 3, f"expected 3 rows for {name} in:\n{out}"
         for row in rows:
             assert re.search(r"\|\s+\d+\.\d{3}\s+<= \d\.\d\d (PASS|MISS)", row), row
-        bytes_line = next(line for line in out.splitlines() if line.strip().startswith(f"bytes SmartFed {router}:"))
+        assert re.search(r"\|\s+\d+\.\d\d$", rows[0]), rows[0]  # the arithmetic ratio ends the time row
+        bytes_line = next(line for line in out.splitlines() if line.strip().startswith(f"bytes {name}:"))
         assert re.search(r"router [\d,]+ B \+ importance [\d,]+ B = [\d,]+ B vs LoRA A\+B [\d,]+ B", bytes_line)
     lora = [line for line in out.splitlines() if line.strip().startswith("LoRA (FedIT)")]
     assert len(lora) == 3, out
+
+
+def test_low_rank_macs_against_hand_counts() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_round_macs", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        shapes = [(576, 576), (576, 192)]
+        # LoRA r = 32 on q (576 -> 576): 6 matmuls of 32 x 576 per token.
+        assert bench.low_rank_macs(None, 32, shapes[:1]) == 6 * 32 * 576
+        # Rank router, M = 32 on v (576 -> 192): A x, B h, ∂h, ∂x (4 M (d_in + d_out) / 2) and three M x M.
+        assert bench.low_rank_macs("rank", 32, shapes[1:]) == 2 * 32 * (576 + 192) + 3 * 32 * 32
+        # Linear router: its W_r (M, d_in) doubles the matmuls on the input side.
+        assert bench.low_rank_macs("linear", 64, shapes) == 64 * (5 * 576 + 2 * 576) + 64 * (5 * 576 + 2 * 192)
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -6,12 +6,14 @@ Vectorised like PEFT's ``poly`` tuner: the M experts are stacked, so the layer
 does one matmul down (A_t) and one up (B_t), never a Python loop over experts.
 
 Training-step cost is what decides whether a client prefers SmartFed to training
-a LoRA, so the routed part has a hand-written backward (``RoutedRankSpace``):
-composed of plain torch ops, autograd would record about ten nodes per matrix and
-keep the logits, the kept logits and their indices, the softmax output and
-several (tokens, M) products alive until backward. ``MoreLinear.forward_reference``
-is that plain composition, kept as the definition the fused path is tested
-against (tests/test_more_fast_path.py).
+a LoRA, so the layer has a hand-written backward: composed of plain torch ops, autograd
+would record about ten nodes per matrix and keep the logits, the kept logits and
+their indices, the softmax output and several (tokens, M) products alive until
+backward. Over a frozen ``nn.Linear`` (q_proj, v_proj of Llama or Qwen) the whole
+layer is one node (``RoutedLinear``); over any other base (quantised, Conv1D,
+hooked) the base runs as a module and the routed part is one node
+(``RoutedRankSpace``). ``MoreLinear.forward_reference`` is the plain composition,
+kept as the definition both are tested against (tests/test_more_fast_path.py).
 
 The experts are the pool's tensors, not copies: A_t and the unscaled B_t share
 the pool's storage (when dtype and device match), and the per-expert scale s_t
@@ -41,6 +43,51 @@ def base_layer_features(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(layer).__name__} is neither an nn.Linear nor a Conv1D")
 
 
+def _route(x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
+    """The routed rank space, forward: ``(features, z, gates, h)`` with ``h = s ⊙ g ⊙ z`` and ``z = A x``."""
+    z = x @ lora_A.t()  # (T, d_in) -> (T, M)
+    features = (x if router_kind == "linear" else z).to(weight.dtype)  # (T, F)
+    # (T, F) -> (T, M)
+    logits = features @ weight.t() if bias is None else torch.addmm(bias, features, weight.t())
+    gates = top_k_gates(logits, top_k, gate)  # (T, M), top_k nonzero per row
+    h = z * gates.to(z.dtype)
+    h.mul_(scale)  # (T, M): s_m folded into column m
+    return features, z, gates, h
+
+
+def _route_backward(ctx, grad_h, saved, needs: tuple[bool, bool, bool], grad_x=None):
+    """Gradients of (x, router weight, router bias) from ``grad_h = ∂L/∂h (T, M)``.
+
+    ``grad_x``: what other paths already give ∂L/∂x (T, d_in), added into in place, or None.
+    """
+    needs_x, needs_weight, needs_bias = needs
+    features, weight, lora_A, scale, z, gates = saved
+    grad_hs = grad_h * scale  # (T, M): ∂L/∂(g ⊙ z)
+    grad_z = grad_hs * gates.to(grad_hs.dtype)  # (T, M): ∂L/∂z along h
+    u = (grad_hs * z).to(gates.dtype).mul_(gates)  # (T, M): g ⊙ ∂L/∂g
+    grad_logits = top_k_gates_backward(u, gates, ctx.top_k, ctx.gate)  # (T, M)
+    grad_weight = grad_logits.t() @ features if needs_weight else None  # (M, T) @ (T, F) -> (M, F)
+    grad_bias = grad_logits.sum(0) if needs_bias else None  # (M,)
+    if not needs_x:
+        return None, grad_weight, grad_bias
+    same = weight.dtype == grad_z.dtype
+    if ctx.router_kind == "rank":  # the logits read z: their gradient joins z's before A
+        if same:
+            grad_z.addmm_(grad_logits, weight)  # (T, M) += (T, M) @ (M, M)
+        else:
+            grad_z += (grad_logits @ weight).to(grad_z.dtype)
+    if grad_x is None:
+        grad_x = grad_z @ lora_A  # (T, M) @ (M, d_in) -> (T, d_in)
+    else:
+        grad_x.addmm_(grad_z, lora_A)  # (T, d_in) += (T, M) @ (M, d_in)
+    if ctx.router_kind == "linear":  # the logits read x: add their gradient in the same buffer
+        if same:
+            grad_x.addmm_(grad_logits, weight)  # (T, d_in) += (T, M) @ (M, d_in)
+        else:
+            grad_x += (grad_logits @ weight).to(grad_x.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
 class RoutedRankSpace(torch.autograd.Function):
     """The routed rank-space activations ``h = s ⊙ g ⊙ z`` with ``z = A x``, as one autograd node.
 
@@ -60,13 +107,7 @@ class RoutedRankSpace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
-        z = x @ lora_A.t()  # (T, d_in) -> (T, M)
-        features = (x if router_kind == "linear" else z).to(weight.dtype)  # (T, F)
-        # (T, F) -> (T, M)
-        logits = features @ weight.t() if bias is None else torch.addmm(bias, features, weight.t())
-        gates = top_k_gates(logits, top_k, gate)  # (T, M), top_k nonzero per row
-        h = z * gates.to(z.dtype)
-        h.mul_(scale)  # (T, M): s_m folded into column m
+        features, z, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates)
         ctx.top_k, ctx.gate, ctx.router_kind = top_k, gate, router_kind
         ctx.mark_non_differentiable(z, gates)
@@ -76,31 +117,59 @@ class RoutedRankSpace(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h, _grad_z, _grad_gates):
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_h is None:
             return (None,) * 8
-        features, weight, lora_A, scale, z, gates = ctx.saved_tensors
-        grad_hs = grad_h * scale  # (T, M): ∂L/∂(g ⊙ z)
-        grad_z = grad_hs * gates.to(grad_hs.dtype)  # (T, M): ∂L/∂z along h
-        u = (grad_hs * z).to(gates.dtype).mul_(gates)  # (T, M): g ⊙ ∂L/∂g
-        grad_logits = top_k_gates_backward(u, gates, ctx.top_k, ctx.gate)  # (T, M)
-        grad_weight = grad_logits.t() @ features if needs_weight else None  # (M, T) @ (T, F) -> (M, F)
-        grad_bias = grad_logits.sum(0) if needs_bias else None  # (M,)
-        grad_x = None
-        if needs_x:
-            same = weight.dtype == grad_z.dtype
-            if ctx.router_kind == "rank":  # the logits read z: their gradient joins z's before A
-                if same:
-                    grad_z.addmm_(grad_logits, weight)  # (T, M) += (T, M) @ (M, M)
-                else:
-                    grad_z += (grad_logits @ weight).to(grad_z.dtype)
-            grad_x = grad_z @ lora_A  # (T, M) @ (M, d_in) -> (T, d_in)
-            if ctx.router_kind == "linear":  # the logits read x: add their gradient in the same buffer
-                if same:
-                    grad_x.addmm_(grad_logits, weight)  # (T, d_in) += (T, M) @ (M, d_in)
-                else:
-                    grad_x += (grad_logits @ weight).to(grad_x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        grads = _route_backward(ctx, grad_h, ctx.saved_tensors, ctx.needs_input_grad[:3])
+        return *grads, None, None, None, None, None
+
+
+class RoutedLinear(torch.autograd.Function):
+    """A whole MoRE layer over a frozen ``nn.Linear``: ``W0 x + b0 + B h`` as one autograd node.
+
+    ``RoutedRankSpace`` leaves the base layer to autograd, which then sums the
+    two gradients reaching x (through W0 and through the experts) in a third
+    (T, d_in) tensor and copies W0 x into the output of ``addmm``. Here the routed
+    update is added into W0 x in place, and the experts' share of ∂L/∂x is added
+    into ``∂L/∂(W0 x) W0`` in place: two fewer passes over (T, d) tensors per
+    matrix, the difference between this layer and a LoRA's being the routing.
+
+    Extra inputs: the frozen ``expert_B (d_out, M)``, ``base_weight (d_out, d_in)``
+    and ``base_bias (d_out,)`` or None. Outputs the layer's ``(T, d_out)``, z, the
+    gates and, when ``want_norm``, ``‖W0 x + b0‖`` per token (T,) for the expert
+    statistics (else an empty tensor).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, lora_A, scale, expert_B, base_weight, base_bias, top_k: int, gate: str,
+        router_kind: str, want_norm: bool,
+    ):  # fmt: skip
+        out = F.linear(x, base_weight, base_bias)  # (T, d_in) -> (T, d_out): the frozen base
+        norm = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32) if want_norm else out.new_empty(0)
+        features, z, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
+        out.addmm_(h, expert_B.t())  # (T, d_out) += (T, M) @ (M, d_out), into our own buffer
+        ctx.save_for_backward(features, weight, lora_A, scale, z, gates, expert_B, base_weight)
+        ctx.top_k, ctx.gate, ctx.router_kind = top_k, gate, router_kind
+        ctx.mark_non_differentiable(z, gates, norm)
+        ctx.set_materialize_grads(False)
+        return out, z, gates, norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_z, _grad_gates, _grad_norm):
+        if grad_out is None:
+            return (None,) * 12
+        *saved, expert_B, base_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        grad_h = grad_out @ expert_B  # (T, d_out) @ (d_out, M) -> (T, M)
+        grad_x = grad_out @ base_weight if needs[0] else None  # (T, d_out) @ (d_out, d_in) -> (T, d_in)
+        grads = _route_backward(ctx, grad_h, saved, needs, grad_x)
+        return *grads, *(None,) * 9
+
+
+def _token_norms(result: torch.Tensor) -> torch.Tensor:
+    """‖W0 x‖ per token: (..., d_out) -> (N,) float32."""
+    return torch.linalg.vector_norm(result.detach().reshape(-1, result.shape[-1]), dim=-1, dtype=torch.float32)
 
 
 class MoreLinear(nn.Module):
@@ -170,6 +239,8 @@ class MoreLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.use_fused:
             return self.forward_reference(x, *args, **kwargs)
+        if not args and not kwargs and self._base_is_fusable(x):
+            return self._forward_routed_linear(x)
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
         x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)  # (..., d_in) -> (T, d_in)
         h, z, gates = RoutedRankSpace.apply(
@@ -183,13 +254,50 @@ class MoreLinear(nn.Module):
             self.router.kind,
         )  # (T, M) each
         if self.track_stats:
-            self._accumulate(result, z, gates)
+            self._accumulate(_token_norms(result), z, gates)
         result2d = result.reshape(-1, result.shape[-1])  # (..., d_out) -> (T, d_out)
         if result2d.dtype == h.dtype:
             out = torch.addmm(result2d, h, self.expert_B.t())  # W0 x + B h: the add rides on the matmul
         else:
             out = result2d + F.linear(h, self.expert_B).to(result2d.dtype)
         return out.view(result.shape)  # (T, d_out) -> (..., d_out)
+
+    def _base_is_fusable(self, x: torch.Tensor) -> bool:
+        """Whether the base is a plain frozen ``nn.Linear`` that ``RoutedLinear`` can run itself.
+
+        Anything else (quantised or Conv1D layers, subclasses, hooks such as
+        accelerate's offloading, a trainable W0, mixed dtypes, autocast, which would
+        hand the backward gradients in another dtype) is called as a module.
+        """
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and base.weight.dtype == x.dtype == self.lora_A.dtype
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _forward_routed_linear(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])  # (..., d_in) -> (T, d_in)
+        out, z, gates, norm = RoutedLinear.apply(
+            x2d,
+            self.router.weight,
+            self.router.bias,
+            self.lora_A,
+            self.expert_scale,
+            self.expert_B,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.top_k,
+            self.gate,
+            self.router.kind,
+            self.track_stats,
+        )  # (T, d_out), (T, M), (T, M), (T,)
+        if self.track_stats:
+            self._accumulate(norm, z, gates)
+        return out.view(*x.shape[:-1], out.shape[-1])  # (T, d_out) -> (..., d_out)
 
     def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The same layer from plain torch ops, every step recorded by autograd: what ``forward`` must equal."""
@@ -198,31 +306,32 @@ class MoreLinear(nn.Module):
         h = z * gates.to(z.dtype) * self.expert_scale  # (..., M): gated, scaled rank-space activations
         delta = F.linear(h, self.expert_B)  # (..., M) -> (..., d_out)
         if self.track_stats:
-            self._accumulate(result, z, gates)
+            self._accumulate(_token_norms(result), z, gates)
         return result + delta.to(result.dtype)
 
     @torch.no_grad()
-    def _accumulate(self, result: torch.Tensor, z: torch.Tensor, gates: torch.Tensor) -> None:
+    def _accumulate(self, base_norm: torch.Tensor, z: torch.Tensor, gates: torch.Tensor) -> None:
         """Per expert: gate mass and g_m ‖s_m B_m‖ |A_m x| / ‖W0 x‖ (DESIGN.md §2), summed over tokens.
+
+        ``base_norm``: ‖W0 x‖ per token (N,), float32.
 
         The sums over tokens are vector-matrix products with a per-token weight
         (1 / ‖W0 x‖, times 0 for padding), not a boolean selection that copies.
         """
         g = gates.detach().float().reshape(-1, self.num_experts)  # (N, M)
-        a = z.detach().float().abs().reshape(-1, self.num_experts)  # (N, M)
-        base_norm = torch.linalg.vector_norm(result.detach().float().reshape(-1, result.shape[-1]), dim=-1)  # (N,)
-        weight = base_norm.clamp_min(1e-6).reciprocal()  # (N,)
+        a = z.detach().abs().float().reshape(-1, self.num_experts)  # (N, M), a copy: |z| is written below
+        weight = base_norm.clamp_min(1e-6).reciprocal_()  # (N,)
         mask = self.stat_token_mask
         if mask is not None and mask.numel() == g.shape[0]:  # padding tokens say nothing about the task
-            keep = (mask.reshape(-1) != 0).to(g.dtype)  # (N,) 1 for a real token, 0 for padding
+            keep = mask.reshape(-1).ne(0).float()  # (N,) 1 for a real token, 0 for padding
             weight.mul_(keep)
-            self.stat_gate_mass += (keep @ g).double()  # (N,) @ (N, M) -> (M,)
-            self.stat_tokens += keep.sum().double()
+            self.stat_gate_mass.add_(keep @ g)  # (N,) @ (N, M) -> (M,), added into the float64 sum in place
+            self.stat_tokens.add_(keep.sum())
         else:
-            self.stat_gate_mass += g.sum(0).double()
-            self.stat_tokens += g.shape[0]
+            self.stat_gate_mass.add_(g.sum(0))
+            self.stat_tokens.add_(g.shape[0])
         # ‖b_m (a_m)‖ = |a_m| ‖b_m‖: the norm of a rank-one output without forming it.
-        self.stat_contribution += ((weight @ a.mul_(g)) * self.expert_norm).double()  # (N,) @ (N, M) -> (M,)
+        self.stat_contribution.add_((weight @ a.mul_(g)).mul_(self.expert_norm))  # (N,) @ (N, M) -> (M,)
 
     def stats(self) -> dict[str, torch.Tensor | int]:
         """Means over the tokens seen since the last reset."""
