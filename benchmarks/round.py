@@ -358,6 +358,15 @@ def _top_k_text(smartfed: Sequence[Variant]) -> str:
     return ", ".join(f"{k} of M={m}" for m, k in ks) or "-"
 
 
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
+    """Median and quartiles of ``times[i] / reference[i]``: steps timed in the same interleaved iteration."""
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return median, q1, q3
+
+
 def _verdict(ratio: float, target: float) -> str:
     return "PASS" if ratio <= target else "MISS"
 
@@ -397,7 +406,8 @@ def report(
     ]
     header = (
         f"  {'variant':<{NAME}} {'median ms':>10} {'min ms':>9} {'IQR/med':>8} {'CPU ms':>9} {'loss':>7} | "
-        f"{'vs LoRA':>7} {'target':>7} verdict | {'min/min':>7} {'CPU/CPU':>7} | {'MAC vs LoRA':>11}"
+        f"{'vs LoRA':>7} {'IQR':>11} {'target':>7} verdict | {'med/med':>7} {'min/min':>7} {'CPU/CPU':>7} | "
+        f"{'MAC vs LoRA':>11}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for v in variants:
@@ -406,17 +416,20 @@ def report(
             f"  {v.name:<{NAME}} {v.median_ms:10.1f} {min(v.times_ms):9.1f} {v.spread:8.0%} {cpu:9.1f} {v.loss:7.3f} |"
         )
         if v is not lora:
-            ratio = v.median_ms / lora.median_ms
+            ratio, low, high = paired_ratio(v.times_ms, lora.times_ms)
             row += (
-                f" {ratio:7.3f} {'<= ' + format(TIME_TARGET, '.2f'):>7} {_verdict(ratio, TIME_TARGET)}    | "
+                f" {ratio:7.3f} {f'{low:.3f}-{high:.3f}':>11} {'<= ' + format(TIME_TARGET, '.2f'):>7} "
+                f"{_verdict(ratio, TIME_TARGET)}    | {v.median_ms / lora.median_ms:7.3f} "
                 f"{min(v.times_ms) / min(lora.times_ms):7.3f} {cpu / statistics.median(lora.cpu_ms):7.3f} | "
                 f"{v.macs / lora.macs:11.2f}"
             )
         lines.append(row)
     share = "n/a" if others is None else f"{others:.0%}"
     lines += [
-        "  vs LoRA: ratio of the median wall times (the verdict); min/min: of the fastest steps; CPU/CPU: of the "
-        "median CPU times of this process (both less sensitive to other load); MAC vs LoRA: multiply-adds of the "
+        "  vs LoRA: median over the iterations of this variant's step time over LoRA's in the same iteration (the "
+        "verdict; pairing cancels slow drifts of the machine's speed), IQR: their quartiles; med/med: ratio of the "
+        "median wall times; min/min: of the fastest steps; CPU/CPU: of the median CPU times of this process; "
+        "MAC vs LoRA: multiply-adds of the "
         "low-rank matmuls per token, forward + backward, from the shapes (the rest of the step is the same for all)",
         f"  other processes used {share} of the machine's CPU during the timed steps "
         "(above ~10%, or IQR/med above ~10%: rerun before reading the ratios)",

@@ -30,7 +30,8 @@ def test_round_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
         rows = [line for line in out.splitlines() if line.strip().startswith(f"{name} ")]
         # one row each for step time, memory and uplink, every one with a ratio and a verdict
         assert len(rows) == 3, f"expected 3 rows for {name} in:\n{out}"
-        for row in rows:
+        assert re.search(r"\|\s+\d+\.\d{3}\s+\d+\.\d{3}-\d+\.\d{3}\s+<= \d\.\d\d (PASS|MISS)", rows[0]), rows[0]
+        for row in rows[1:]:
             assert re.search(r"\|\s+\d+\.\d{3}\s+<= \d\.\d\d (PASS|MISS)", row), row
         assert re.search(r"\|\s+\d+\.\d\d$", rows[0]), rows[0]  # the arithmetic ratio ends the time row
         bytes_line = next(line for line in out.splitlines() if line.strip().startswith(f"bytes {name}:"))
@@ -52,5 +53,22 @@ def test_low_rank_macs_against_hand_counts() -> None:
         assert bench.low_rank_macs("rank", 32, shapes[1:]) == 2 * 32 * (576 + 192) + 3 * 32 * 32
         # Linear router: its W_r (M, d_in) doubles the matmuls on the input side.
         assert bench.low_rank_macs("linear", 64, shapes) == 64 * (5 * 576 + 2 * 576) + 64 * (5 * 576 + 2 * 192)
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_paired_ratio_cancels_a_drift_shared_by_both() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_round_pairs", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        machine_speed = [1.0, 1.0, 1.6, 1.6, 1.6, 1.0]  # the machine slows down mid-run for both variants
+        lora = [100.0 * f for f in machine_speed]
+        other = [95.0 * f for f in machine_speed]
+        other[0] = 130.0  # one outlier step
+        median, low, high = bench.paired_ratio(other, lora)
+        assert median == pytest.approx(0.95) and low == pytest.approx(0.95) and high > 0.95
+        assert bench.paired_ratio([90.0], [100.0]) == (0.9, 0.9, 0.9)
     finally:
         sys.modules.pop(spec.name, None)
