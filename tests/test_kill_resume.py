@@ -31,6 +31,9 @@ from .test_faults import _run, assets, make_config  # noqa: F401 (assets is a fi
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 3
+# Bit-for-bit equality needs the same torch thread count everywhere: Ray gives each
+# simulated client 1, the in-process and subprocess runs would otherwise use the default.
+THREADS = 1
 SERVER = """
 import json, sys
 from smartfed.fl.client_app import make_client_app
@@ -67,16 +70,24 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["rounds"] == ROUNDS
 
 
+def _config(assets, out: Path):  # noqa: F811
+    return make_config(assets, out, num_rounds=ROUNDS, eval_every=2, client_threads=THREADS)
+
+
 @pytest.fixture(scope="module")
 def reference(assets, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("kill") / "reference"
-    _run(make_config(assets, out, num_rounds=ROUNDS, eval_every=2))
+    threads = torch.get_num_threads()
+    try:
+        _run(_config(assets, out))  # in this process: the client app sets torch's threads to THREADS
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
 def test_failpoints_kill_and_resume(assets, reference, tmp_path):  # noqa: F811
     """Killed after round 1's checkpoint, mid-round 2 (replies in hand), and between round 3's metrics and checkpoint."""
-    config = make_config(assets, tmp_path / "run", num_rounds=ROUNDS, eval_every=2)
+    config = _config(assets, tmp_path / "run")
     payload = json.dumps(asdict(config))
     for resume, failpoint in [("0", "checkpoint:1"), ("1", "replied:2"), ("1", "metrics:3"), ("1", "")]:
         proc = subprocess.run(
@@ -111,11 +122,11 @@ def test_sigkill_smartfed_run_and_resume(assets, reference, tmp_path):  # noqa: 
     """A real `smartfed run` (simulation engine) killed with SIGKILL, process group and all, then `--resume`d."""
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
-    config = make_config(assets, out, num_rounds=ROUNDS, eval_every=2)
+    config = _config(assets, out)
     flags = []
     for key in ("model_name_or_path", "lora_pool", "num_clients", "sample_clients", "num_rounds", "local_steps"):
         flags += [f"--{key}", str(getattr(config, key))]
-    for key in ("batch_size", "learning_rate", "topk_experts", "num_train", "num_test", "max_length"):
+    for key in ("batch_size", "learning_rate", "topk_experts", "num_train", "num_test", "max_length", "client_threads"):
         flags += [f"--{key}", str(getattr(config, key))]
     flags += ["--max_new_tokens", "2", "--eval_every", "2", "--energy", "none", "--seed", "7", "--enable_eeqa"]
     flags += ["--output_dir", str(out)]

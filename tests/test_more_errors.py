@@ -60,6 +60,23 @@ def test_bad_rank_in_config(two_adapters):
         LoraPool.load(two_adapters)
 
 
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"lora_alpha": float("inf")}, r"'math'.*'lora_alpha'=inf.*finite positive"),
+        ({"lora_alpha": 1e40}, r"'math'.*scale lora_alpha / r = .*torch.float32 cannot hold"),  # hypothesis found it
+        ({"alpha_pattern": {"q_proj": 1e300}}, r"'math'.*'model.layers.0.self_attn.q_proj'.*cannot hold"),
+    ],
+)
+def test_alpha_too_large_for_the_dtype(two_adapters, patch, message):
+    config_file = two_adapters[0] / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(patch)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        LoraPool.load(two_adapters)
+
+
 def test_non_lora_adapter_refused(two_adapters):
     config_file = two_adapters[0] / "adapter_config.json"
     config = json.loads(config_file.read_text())

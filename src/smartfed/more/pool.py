@@ -131,9 +131,9 @@ def _read_config(name: str, path: Path) -> dict:
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
             raise ValueError(
-                f"LoRA adapter {name!r}: field {key!r}={value!r} in {config_file} must be a positive number"
+                f"LoRA adapter {name!r}: field {key!r}={value!r} in {config_file} must be a finite positive number"
             )
     return config
 
@@ -309,6 +309,13 @@ def _stack(
             raise ValueError(
                 f"LoRA adapters {first!r} and {adapters[index].name!r} disagree on module {module!r}: "
                 f"(d_in, d_out) = {(d_in, d_out)} vs {(a.shape[1], b.shape[0])}; were they trained on the same base model?"
+            )
+    limit = torch.finfo(dtype).max
+    for index, _, _, scale in entries:
+        if not abs(scale) <= limit:  # also NaN
+            raise ValueError(
+                f"LoRA adapter {adapters[index].name!r}: module {module!r} has the scale lora_alpha / r = {scale!r}, "
+                f"which {dtype} cannot hold; check lora_alpha (and alpha_pattern) in its adapter_config.json"
             )
     ranks = [a.shape[0] for _, a, _, _ in entries]
     return PoolModule(
