@@ -175,7 +175,8 @@ def _token_norms(result: torch.Tensor) -> torch.Tensor:
 class MoreLinear(nn.Module):
     """Wraps one target matrix; only ``router`` is trainable."""
 
-    #: Run the routed part as one ``RoutedRankSpace`` node (False: ``forward_reference``'s plain ops).
+    #: Run the fused nodes: ``RoutedLinear`` over a frozen nn.Linear, else ``RoutedRankSpace`` for the
+    #: routed part (False: ``forward_reference``'s plain ops).
     use_fused: bool = True
 
     def __init__(
