@@ -6,22 +6,30 @@ import importlib.util
 import itertools
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "round.py"
 
 
-def test_round_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def bench() -> Iterator[ModuleType]:
+    """benchmarks/round.py, imported as a module for the test's duration."""
     spec = importlib.util.spec_from_file_location("benchmarks_round", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(bench)
-        assert bench.main(["--quick", "--device", "cpu"]) == 0
+        spec.loader.exec_module(module)
+        yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def test_round_benchmark_quick(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "threads" in out and "hidden 576" in out
     assert "MAC vs LoRA" in out
@@ -40,35 +48,21 @@ def test_round_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(lora) == 3, out
 
 
-def test_low_rank_macs_against_hand_counts() -> None:
-    spec = importlib.util.spec_from_file_location("benchmarks_round_macs", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    try:
-        spec.loader.exec_module(bench)
-        shapes = [(576, 576), (576, 192)]
-        # LoRA r = 32 on q (576 -> 576): 6 matmuls of 32 x 576 per token.
-        assert bench.low_rank_macs(None, 32, shapes[:1]) == 6 * 32 * 576
-        # Rank router, M = 32 on v (576 -> 192): A x, B h, ∂h, ∂x (4 M (d_in + d_out) / 2) and three M x M.
-        assert bench.low_rank_macs("rank", 32, shapes[1:]) == 2 * 32 * (576 + 192) + 3 * 32 * 32
-        # Linear router: its W_r (M, d_in) doubles the matmuls on the input side.
-        assert bench.low_rank_macs("linear", 64, shapes) == 64 * (5 * 576 + 2 * 576) + 64 * (5 * 576 + 2 * 192)
-    finally:
-        sys.modules.pop(spec.name, None)
+def test_low_rank_macs_against_hand_counts(bench: ModuleType) -> None:
+    shapes = [(576, 576), (576, 192)]
+    # LoRA r = 32 on q (576 -> 576): 6 matmuls of 32 x 576 per token.
+    assert bench.low_rank_macs(None, 32, shapes[:1]) == 6 * 32 * 576
+    # Rank router, M = 32 on v (576 -> 192): A x, B h, ∂h, ∂x (4 M (d_in + d_out) / 2) and three M x M.
+    assert bench.low_rank_macs("rank", 32, shapes[1:]) == 2 * 32 * (576 + 192) + 3 * 32 * 32
+    # Linear router: its W_r (M, d_in) doubles the matmuls on the input side.
+    assert bench.low_rank_macs("linear", 64, shapes) == 64 * (5 * 576 + 2 * 576) + 64 * (5 * 576 + 2 * 192)
 
 
-def test_paired_ratio_cancels_a_drift_shared_by_both() -> None:
-    spec = importlib.util.spec_from_file_location("benchmarks_round_pairs", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    try:
-        spec.loader.exec_module(bench)
-        machine_speed = [1.0, 1.0, 1.6, 1.6, 1.6, 1.0]  # the machine slows down mid-run for both variants
-        lora = [100.0 * f for f in machine_speed]
-        other = [95.0 * f for f in machine_speed]
-        other[0] = 130.0  # one outlier step
-        median, low, high = bench.paired_ratio(other, lora)
-        assert median == pytest.approx(0.95) and low == pytest.approx(0.95) and high > 0.95
-        assert bench.paired_ratio([90.0], [100.0]) == (0.9, 0.9, 0.9)
-    finally:
-        sys.modules.pop(spec.name, None)
+def test_paired_ratio_cancels_a_drift_shared_by_both(bench: ModuleType) -> None:
+    machine_speed = [1.0, 1.0, 1.6, 1.6, 1.6, 1.0]  # the machine slows down mid-run for both variants
+    lora = [100.0 * f for f in machine_speed]
+    other = [95.0 * f for f in machine_speed]
+    other[0] = 130.0  # one outlier step
+    median, low, high = bench.paired_ratio(other, lora)
+    assert median == pytest.approx(0.95) and low == pytest.approx(0.95) and high > 0.95
+    assert bench.paired_ratio([90.0], [100.0]) == (0.9, 0.9, 0.9)
