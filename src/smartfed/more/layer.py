@@ -43,6 +43,11 @@ def base_layer_features(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(layer).__name__} is neither an nn.Linear nor a Conv1D")
 
 
+def _token_norms(result: torch.Tensor) -> torch.Tensor:
+    """‖W0 x‖ per token: (..., d_out) -> (N,) float32."""
+    return torch.linalg.vector_norm(result.detach().reshape(-1, result.shape[-1]), dim=-1, dtype=torch.float32)
+
+
 def _route(x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
     """The routed rank space, forward: ``(features, z, gates, h)`` with ``h = s ⊙ g ⊙ z`` and ``z = A x``."""
     z = x @ lora_A.t()  # (T, d_in) -> (T, M)
@@ -145,7 +150,7 @@ class RoutedLinear(torch.autograd.Function):
         router_kind: str, want_norm: bool,
     ):  # fmt: skip
         out = F.linear(x, base_weight, base_bias)  # (T, d_in) -> (T, d_out): the frozen base
-        norm = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32) if want_norm else out.new_empty(0)
+        norm = _token_norms(out) if want_norm else out.new_empty(0)  # (T,) ‖W0 x + b0‖, before the experts
         features, z, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
         out.addmm_(h, expert_B.t())  # (T, d_out) += (T, M) @ (M, d_out), into our own buffer
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates, expert_B, base_weight)
@@ -165,11 +170,6 @@ class RoutedLinear(torch.autograd.Function):
         grad_x = grad_out @ base_weight if needs[0] else None  # (T, d_out) @ (d_out, d_in) -> (T, d_in)
         grads = _route_backward(ctx, grad_h, saved, needs, grad_x)
         return *grads, *(None,) * 9
-
-
-def _token_norms(result: torch.Tensor) -> torch.Tensor:
-    """‖W0 x‖ per token: (..., d_out) -> (N,) float32."""
-    return torch.linalg.vector_norm(result.detach().reshape(-1, result.shape[-1]), dim=-1, dtype=torch.float32)
 
 
 class MoreLinear(nn.Module):
