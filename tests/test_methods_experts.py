@@ -112,6 +112,30 @@ def test_a3smoe_client_counts_activations_within_its_budget(pool_and_inputs):
         assert int((v > 0).sum()) >= 2 and float(v.max()) <= 0.5 + 1e-6  # K=2 of 8 per token
 
 
+# --- SmartFed -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "reads_importance"),
+    [({}, False), ({"enable_eeqa": True}, True), ({"client_budgets": "1,0.5"}, True)],
+)
+def test_smartfed_sends_importance_only_when_someone_reads_it(pool_and_inputs, overrides, reads_importance):
+    pool, ids = pool_and_inputs
+    method = get_method_class("smartfed")(_config(method="smartfed", **overrides))
+    model = method.build(tiny_llama(), pool, torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    result = method.local_train(model, [batch], LocalTrainConfig(1e-2))
+    assert method.needs_importance() is reads_importance
+    layers = model.more_layers()
+    if not reads_importance:  # neither computed nor sent: no EEQA and every client at β = 1
+        assert result.extras == {}
+        assert all(int(layer.stats()["tokens"]) == 0 for layer in layers.values())
+        return
+    assert set(result.extras) == {f"importance.{name}" for name in layers}
+    for name, value in result.extras.items():
+        layer = layers[name.removeprefix("importance.")]
+        assert value.shape == (layer.num_experts,) and bool(torch.isfinite(value).all()) and float(value.sum()) > 0
+        assert layer.stats()["tokens"] == ids.numel()
+
+
 # --- FedLEASE -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("planted", [2, 3])
 def test_fedlease_clustering_finds_the_planted_number_of_clusters(planted):

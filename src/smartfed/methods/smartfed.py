@@ -2,7 +2,9 @@
 
 - Client: AdamW on the routers of a MoRE model over the shared LoRA pool;
   per-expert importance (gate-weighted contribution, DESIGN.md §2) is
-  accumulated over the local steps and sent up beside the router.
+  accumulated over the local steps and sent up beside the router, when
+  someone reads it: EEQA on the server, or clients with a budget β < 1.
+  Otherwise the client skips the expert statistics and sends the router alone.
 - Server: Flower's FedAvg averages routers and importances by examples
   (both are arrays in the reply); EEQA turns the importance into per-matrix
   quotas every ``eeqa_period`` rounds; the quotas go down with the router.
@@ -78,9 +80,15 @@ class SmartFed(Method):
                 importance = {name: torch.ones(layer.num_experts) for name, layer in model.more_layers().items()}
             model.set_quotas(self._allocate(model, importance, budget))
 
+    def needs_importance(self) -> bool:
+        """Whether the importance is read: by EEQA on the server, or by clients that re-allocate a budget β < 1."""
+        return self.config.enable_eeqa or any(b < 1.0 for b in self.config.budgets())
+
     def local_train(
         self, model: MoreModel, batches: Iterable[dict[str, torch.Tensor]], config: LocalTrainConfig
     ) -> LocalResult:
+        if not self.needs_importance():  # the statistics cost every step a few small ops per matrix: skip them
+            return super().local_train(model, batches, config)
         with model.tracking_expert_stats():
             result = super().local_train(model, batches, config)
         result.extras = {
