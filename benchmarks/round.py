@@ -8,12 +8,15 @@ parameter tensors are shared, not copied) and trains on the SAME batch:
 - SmartFed: ``attach_more`` over a pool of 2 PEFT adapters (alpha 2·rank on q_proj and
   v_proj, random weights, saved to a temporary folder and read back with
   ``LoraPool.load``), top-K = M/2 of the M rank-one experts per matrix; it trains and
-  sends only the routers (``router_state_dict``) plus the per-expert importance
-  vector (M floats per matrix). The step runs with expert statistics on, as
-  ``SmartFed.local_train`` does (the importance comes from them). By default two
-  pools are measured in the same run: adapters of rank 16 (M = 32, the pool's total
-  rank equals the LoRA's: what the router itself adds) and of rank 32 (M = 64: twice
-  the LoRA's rank, so twice its low-rank matmuls whatever the router costs).
+  sends only the routers (``router_state_dict``). Each SmartFed variant is timed
+  twice, as ``SmartFed.local_train`` runs it: without expert statistics (no EEQA,
+  every client at budget 1: nobody reads the importance, so none is computed or
+  sent) and with them ("<name> stats": with ``--enable_eeqa`` or client budgets
+  the step accumulates the per-expert importance and sends it, M floats per matrix,
+  beside the router). By default two pools are measured in the same run: adapters
+  of rank 16 (M = 32, the pool's total rank equals the LoRA's: what the router
+  itself adds) and of rank 32 (M = 64: twice the LoRA's rank, so twice its low-rank
+  matmuls whatever the router costs).
 
 A step is forward + backward + AdamW step (lr 5e-4), as in ``Method.local_train``.
 After a warm-up the variants' steps are interleaved (the order rotates every
@@ -22,6 +25,7 @@ iteration) and the median of each is reported.
     .venv/bin/python benchmarks/round.py                 # 30 layers, batch 8 x 48 tokens, ~4 minutes on 2 cores
     .venv/bin/python benchmarks/round.py --quick         # smoke run: 2 layers, tiny batch, seconds
     .venv/bin/python benchmarks/round.py --pool-rank 16  # only the pool whose total rank = the LoRA's
+    .venv/bin/python benchmarks/round.py --stats off     # only the steps without expert statistics
     .venv/bin/python benchmarks/round.py --layers 4 --repeats 5
     .venv/bin/python benchmarks/round.py --profile       # also: top ops by self CPU time, one step per variant
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import statistics
 import sys
 import tempfile
@@ -98,6 +103,7 @@ class Variant:
     optimizer: torch.optim.Optimizer
     step: Callable[[], torch.Tensor]  # returns the detached loss
     router: str | None = None  # None for LoRA
+    stats: bool = False  # SmartFed: expert statistics accumulated during the step (EEQA or client budgets)
     experts: int = 0  # SmartFed's M per matrix
     top_k: int = 0
     macs: int = 0  # low-rank multiply-adds per token, forward + backward (low_rank_macs)
@@ -217,9 +223,11 @@ def make_smartfed(
     # Expert statistics on during every step, as inside SmartFed.local_train (reset=False: they add up here).
     around = (lambda: model.tracking_expert_stats(reset=False)) if stats else contextlib.nullcontext
     step = _train_step(model, optimizer, batch, around)
-    name = f"SmartFed {router} M={experts}" + ("" if fused else " ref")
+    name = f"SmartFed {router} M={experts}" + ("" if fused else " ref") + (" stats" if stats else "")
     trainable = sum(p.numel() for p in params)
-    return Variant(name, model, optimizer, step, router=router, experts=experts, top_k=top_k, trainable=trainable)
+    return Variant(
+        name, model, optimizer, step, router=router, stats=stats, experts=experts, top_k=top_k, trainable=trainable
+    )
 
 
 def low_rank_macs(router: str | None, width: int, shapes: Iterable[tuple[int, int]]) -> int:
@@ -322,7 +330,8 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
 def measure_uplink(v: Variant) -> None:
     """Bytes a client sends up after its round: SmartFed's routers and importance, FedIT's A and B."""
     if isinstance(v.model, MoreModel):
-        importance = {name: stats["contribution"] for name, stats in v.model.expert_stats().items()}
+        stats = v.model.expert_stats().items() if v.stats else ()  # without statistics no importance is sent
+        importance = {name: s["contribution"] for name, s in stats}
         v.uplink = {"state": _nbytes(v.model.router_state_dict()), "importance": _nbytes(importance)}
     else:
         v.uplink = {"state": _nbytes(get_peft_model_state_dict(v.model)), "importance": 0}
@@ -350,7 +359,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
-NAME = 24  # width of the variant column
+NAME = 30  # width of the variant column
 
 
 def _top_k_text(smartfed: Sequence[Variant]) -> str:
@@ -398,8 +407,8 @@ def report(
         f"batch {args.batch} x {args.seq} tokens (the same for all); step = forward + backward + AdamW(lr {LEARNING_RATE})",
         f"LoRA: rank {RANK}, alpha {ALPHA}, dropout 0 on {', '.join(TARGET_MODULES)} | SmartFed M=<M>: a pool of "
         f"{POOL_SIZE} adapters of rank M/{POOL_SIZE}, alpha 2·rank, on {', '.join(TARGET_MODULES)} -> M rank-one "
-        f"experts x {matrices} matrices, top-K {_top_k_text(smartfed)}, gate scaled_softmax, expert statistics "
-        f"{'on' if args.stats else 'OFF'}",
+        f"experts x {matrices} matrices, top-K {_top_k_text(smartfed)}, gate scaled_softmax; '<name> stats': "
+        "with expert statistics (EEQA or client budgets: the importance is accumulated and sent)",
         f"timing: median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up step(s)",
         "",
         "client training step time",
@@ -477,7 +486,7 @@ def report(
         lines.append(row)
     lines.append(
         "  state: LoRA A and B (get_peft_model_state_dict) or SmartFed router_state_dict(); importance: "
-        f"M float32 per matrix x {matrices} matrices, sent beside the router"
+        f"M float32 per matrix x {matrices} matrices, sent beside the router by the 'stats' variants only"
     )
     for v in smartfed:
         ratio = v.uplink_total / lora.uplink_total
@@ -516,10 +525,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--no-stats",
-        dest="stats",
-        action="store_false",
-        help="SmartFed steps without expert statistics (the importance it sends comes from them; for attribution)",
+        "--stats",
+        choices=("off", "on", "both"),
+        default="both",
+        help="SmartFed steps without expert statistics (as without EEQA and client budgets), with them "
+        "(as with either: the importance is accumulated and sent), or both side by side (default)",
     )
     parser.add_argument(
         "--reference",
@@ -560,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
     variants = [make_lora(base, batch)]
-    kw = {"stats": args.stats, "top_k": args.top_k}
+    stats_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.stats]
     for pool_rank in args.pool_rank:
         with tempfile.TemporaryDirectory(prefix="smartfed-round-") as tmp:
             paths = [
@@ -568,9 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for i in range(POOL_SIZE)
             ]
             pool = LoraPool.load(paths)
-        variants += [make_smartfed(base, pool, router, batch, **kw) for router in args.routers]
-        if args.reference:
-            variants += [make_smartfed(base, pool, router, batch, fused=False, **kw) for router in args.routers]
+        for stats, router in itertools.product(stats_modes, args.routers):
+            variants.append(make_smartfed(base, pool, router, batch, stats=stats, top_k=args.top_k))
+            if args.reference:
+                variants.append(make_smartfed(base, pool, router, batch, stats=stats, top_k=args.top_k, fused=False))
     shapes = [(pm.in_features, pm.out_features) for pm in pool.modules.values()]
     for v in variants:
         v.macs = low_rank_macs(v.router, v.experts if v.router else RANK, shapes)

@@ -33,9 +33,10 @@ def test_round_benchmark_quick(bench: ModuleType, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "torch" in out and "threads" in out and "hidden 576" in out
     assert "MAC vs LoRA" in out
-    for router, experts in itertools.product(("linear", "rank"), (32, 64)):  # the default pools: M = 32 and 64
-        name = f"SmartFed {router} M={experts}"
-        rows = [line for line in out.splitlines() if line.strip().startswith(f"{name} ")]
+    # the default pools (M = 32 and 64), each router without and with expert statistics
+    for router, experts, stats in itertools.product(("linear", "rank"), (32, 64), ("", " stats")):
+        name = f"SmartFed {router} M={experts}{stats}"
+        rows = [line for line in out.splitlines() if re.match(rf"\s*{name}\s+[\d,]", line)]
         # one row each for step time, memory and uplink, every one with a ratio and a verdict
         assert len(rows) == 3, f"expected 3 rows for {name} in:\n{out}"
         assert re.search(r"\|\s+\d+\.\d{3}\s+\d+\.\d{3}-\d+\.\d{3}\s+<= \d\.\d\d (PASS|MISS)", rows[0]), rows[0]
@@ -44,6 +45,8 @@ def test_round_benchmark_quick(bench: ModuleType, capsys: pytest.CaptureFixture[
         assert re.search(r"\|\s+\d+\.\d\d$", rows[0]), rows[0]  # the arithmetic ratio ends the time row
         bytes_line = next(line for line in out.splitlines() if line.strip().startswith(f"bytes {name}:"))
         assert re.search(r"router [\d,]+ B \+ importance [\d,]+ B = [\d,]+ B vs LoRA A\+B [\d,]+ B", bytes_line)
+        importance = int(re.search(r"importance ([\d,]+) B", bytes_line)[1].replace(",", ""))
+        assert (importance > 0) == bool(stats)  # the importance is sent only when the statistics run
     lora = [line for line in out.splitlines() if line.strip().startswith("LoRA (FedIT)")]
     assert len(lora) == 3, out
 
