@@ -22,7 +22,7 @@ A step is forward + backward + AdamW step (lr 5e-4), as in ``Method.local_train`
 After a warm-up the variants' steps are interleaved (the order rotates every
 iteration) and the median of each is reported.
 
-    .venv/bin/python benchmarks/round.py                 # 30 layers, batch 8 x 48 tokens, ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/round.py                 # 30 layers, batch 8 x 48 tokens, ~5 minutes on 2 cores
     .venv/bin/python benchmarks/round.py --quick         # smoke run: 2 layers, tiny batch, seconds
     .venv/bin/python benchmarks/round.py --pool-rank 16  # only the pool whose total rank = the LoRA's
     .venv/bin/python benchmarks/round.py --stats off     # only the steps without expert statistics
@@ -220,7 +220,8 @@ def make_smartfed(
     model.train()
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
-    # Expert statistics on during every step, as inside SmartFed.local_train (reset=False: they add up here).
+    # stats: expert statistics during every step, as SmartFed.local_train with EEQA or client budgets
+    # (reset=False: they add up here).
     around = (lambda: model.tracking_expert_stats(reset=False)) if stats else contextlib.nullcontext
     step = _train_step(model, optimizer, batch, around)
     name = f"SmartFed {router} M={experts}" + ("" if fused else " ref") + (" stats" if stats else "")
