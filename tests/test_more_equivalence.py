@@ -61,7 +61,7 @@ def test_dense_zero_router_equals_sum_of_adapters(llama, tmp_path, input_ids, ro
         make_adapter(base, tmp_path / "c", r=3, alpha=3, target_modules=("gate_proj",), seed=3),
     ]
     pool = LoraPool.load(paths)
-    more_model = attach_more(llama(), pool, MoreConfig(top_k=None, router=router))
+    more_model = attach_more(llama(), pool, MoreConfig(top_k=None, router=router, router_init="zeros"))
     with torch.no_grad():
         ours = more_model(input_ids).logits
 

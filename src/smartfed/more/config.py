@@ -65,8 +65,13 @@ class MoreConfig:
         },
     )
     router_init: RouterInit = field(
-        default="zeros",
-        metadata={"help": "'zeros' (every kept expert starts with gate 1) or 'normal' (std router_init_std)."},
+        default="normal",
+        metadata={
+            "help": "'normal' (std router_init_std, drawn from the generator given to attach_more): every token "
+            "ranks the experts differently from the start. 'zeros': all logits are equal, so top-K (K < M) keeps "
+            "the same last K experts of the pool for every token and the others never get a gradient; it is the "
+            "start where K = M with uniform gates equals the sum of the adapters."
+        },
     )
     router_init_std: float = field(
         default=0.02, metadata={"help": "Standard deviation of the 'normal' router initialisation."}

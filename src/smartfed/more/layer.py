@@ -49,7 +49,7 @@ def _token_norms(result: torch.Tensor) -> torch.Tensor:
 
 
 def _route(x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
-    """The routed rank space, forward: ``(features, z, gates, h)`` with ``h = s ⊙ g ⊙ z`` and ``z = A x``."""
+    """The routed rank space, forward: ``(features, z, logits, gates, h)`` with ``h = s ⊙ g ⊙ z`` and ``z = A x``."""
     z = x @ lora_A.t()  # (T, d_in) -> (T, M)
     features = (x if router_kind == "linear" else z).to(weight.dtype)  # (T, F)
     # (T, F) -> (T, M)
@@ -57,7 +57,7 @@ def _route(x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: s
     gates = top_k_gates(logits, top_k, gate)  # (T, M), top_k nonzero per row
     h = z * gates.to(z.dtype)
     h.mul_(scale)  # (T, M): s_m folded into column m
-    return features, z, gates, h
+    return features, z, logits, gates, h
 
 
 def _route_backward(ctx, grad_h, saved, needs: tuple[bool, bool, bool], grad_x=None):
@@ -100,7 +100,8 @@ class RoutedRankSpace(torch.autograd.Function):
     ``bias (M,)`` (or None) in the router dtype, with ``F = d_in`` for the linear
     router (it reads x) and ``F = M`` for the rank router (it reads z); the frozen
     ``lora_A (M, d_in)`` and ``scale (M,)``. Outputs ``h (T, M)`` and, for the
-    expert statistics, ``z (T, M)`` and the gates ``g (T, M)`` (not differentiable).
+    expert statistics, ``z (T, M)``, the logits and the gates ``g (T, M)`` (not differentiable;
+    the logits are the forward's own tensor, returned without a copy).
 
     Why by hand: the backward needs only z, g and the router's input (x, which the
     LoRA this replaces saves too, or z itself). Each gate's derivative is a
@@ -112,16 +113,16 @@ class RoutedRankSpace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
-        features, z, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
+        features, z, logits, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates)
         ctx.top_k, ctx.gate, ctx.router_kind = top_k, gate, router_kind
-        ctx.mark_non_differentiable(z, gates)
-        ctx.set_materialize_grads(False)  # no zero tensors for the grads of z and g, which never get one
-        return h, z, gates
+        ctx.mark_non_differentiable(z, logits, gates)
+        ctx.set_materialize_grads(False)  # no zero tensors for the grads of z, logits and g, which never get one
+        return h, z, logits, gates
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_h, _grad_z, _grad_gates):
+    def backward(ctx, grad_h, _grad_z, _grad_logits, _grad_gates):
         if grad_h is None:
             return (None,) * 8
         grads = _route_backward(ctx, grad_h, ctx.saved_tensors, ctx.needs_input_grad[:3])
@@ -140,7 +141,7 @@ class RoutedLinear(torch.autograd.Function):
 
     Extra inputs: the frozen ``expert_B (d_out, M)``, ``base_weight (d_out, d_in)``
     and ``base_bias (d_out,)`` or None. Outputs the layer's ``(T, d_out)``, z, the
-    gates and, when ``want_norm``, ``‖W0 x + b0‖`` per token (T,) for the expert
+    logits, the gates and, when ``want_norm``, ``‖W0 x + b0‖`` per token (T,) for the expert
     statistics (else an empty tensor).
     """
 
@@ -151,17 +152,17 @@ class RoutedLinear(torch.autograd.Function):
     ):  # fmt: skip
         out = F.linear(x, base_weight, base_bias)  # (T, d_in) -> (T, d_out): the frozen base
         norm = _token_norms(out) if want_norm else out.new_empty(0)  # (T,) ‖W0 x + b0‖, before the experts
-        features, z, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
+        features, z, logits, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
         out.addmm_(h, expert_B.t())  # (T, d_out) += (T, M) @ (M, d_out), into our own buffer
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates, expert_B, base_weight)
         ctx.top_k, ctx.gate, ctx.router_kind = top_k, gate, router_kind
-        ctx.mark_non_differentiable(z, gates, norm)
+        ctx.mark_non_differentiable(z, logits, gates, norm)
         ctx.set_materialize_grads(False)
-        return out, z, gates, norm
+        return out, z, logits, gates, norm
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, _grad_z, _grad_gates, _grad_norm):
+    def backward(ctx, grad_out, _grad_z, _grad_logits, _grad_gates, _grad_norm):
         if grad_out is None:
             return (None,) * 12
         *saved, expert_B, base_weight = ctx.saved_tensors
@@ -216,26 +217,27 @@ class MoreLinear(nn.Module):
         """The scaled up-projection ``B_t · diag(s_t)`` (d_out, M), computed on demand (export, analysis)."""
         return self.expert_B * self.expert_scale
 
+    #: Per-expert sums the statistics keep (each (M,) float64): see ``_accumulate``.
+    STAT_SUMS = ("gate_mass", "contribution", "prob_contribution", "gated_contribution")
+
     def _init_stats(self) -> None:
         device = self.lora_A.device
-        self.register_buffer(
-            "stat_gate_mass", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False
-        )
-        self.register_buffer(
-            "stat_contribution", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False
-        )
+        for key in self.STAT_SUMS:
+            self.register_buffer(
+                f"stat_{key}", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False
+            )
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
 
     def reset_stats(self) -> None:
-        self.stat_gate_mass.zero_()
-        self.stat_contribution.zero_()
+        for key in self.STAT_SUMS:
+            getattr(self, f"stat_{key}").zero_()
         self.stat_tokens.zero_()
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, gates): z = A x (..., M) in the expert dtype, gates (..., M) with top_k nonzero."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, logits, gates): z = A x (..., M) in the expert dtype, logits (..., M), gates with top_k nonzero."""
         z = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., d_in) -> (..., M)
         logits = self.router(x, z)  # (..., M) in the router dtype
-        return z, top_k_gates(logits, self.top_k, self.gate)
+        return z, logits, top_k_gates(logits, self.top_k, self.gate)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.use_fused:
@@ -244,7 +246,7 @@ class MoreLinear(nn.Module):
             return self._forward_routed_linear(x)
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
         x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)  # (..., d_in) -> (T, d_in)
-        h, z, gates = RoutedRankSpace.apply(
+        h, z, logits, gates = RoutedRankSpace.apply(
             x2d,
             self.router.weight,
             self.router.bias,
@@ -255,7 +257,7 @@ class MoreLinear(nn.Module):
             self.router.kind,
         )  # (T, M) each
         if self.track_stats:
-            self._accumulate(_token_norms(result), z, gates)
+            self._accumulate(_token_norms(result), z, logits, gates)
         result2d = result.reshape(-1, result.shape[-1])  # (..., d_out) -> (T, d_out)
         if result2d.dtype == h.dtype:
             out = torch.addmm(result2d, h, self.expert_B.t())  # W0 x + B h: the add rides on the matmul
@@ -282,7 +284,7 @@ class MoreLinear(nn.Module):
 
     def _forward_routed_linear(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (..., d_in) -> (T, d_in)
-        out, z, gates, norm = RoutedLinear.apply(
+        out, z, logits, gates, norm = RoutedLinear.apply(
             x2d,
             self.router.weight,
             self.router.bias,
@@ -295,32 +297,41 @@ class MoreLinear(nn.Module):
             self.gate,
             self.router.kind,
             self.track_stats,
-        )  # (T, d_out), (T, M), (T, M), (T,)
+        )  # (T, d_out), (T, M), (T, M), (T, M), (T,)
         if self.track_stats:
-            self._accumulate(norm, z, gates)
+            self._accumulate(norm, z, logits, gates)
         return out.view(*x.shape[:-1], out.shape[-1])  # (T, d_out) -> (..., d_out)
 
     def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The same layer from plain torch ops, every step recorded by autograd: what ``forward`` must equal."""
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
-        z, gates = self.route(x)
+        z, logits, gates = self.route(x)
         h = z * gates.to(z.dtype) * self.expert_scale  # (..., M): gated, scaled rank-space activations
         delta = F.linear(h, self.expert_B)  # (..., M) -> (..., d_out)
         if self.track_stats:
-            self._accumulate(_token_norms(result), z, gates)
+            self._accumulate(_token_norms(result), z, logits, gates)
         return result + delta.to(result.dtype)
 
     @torch.no_grad()
-    def _accumulate(self, base_norm: torch.Tensor, z: torch.Tensor, gates: torch.Tensor) -> None:
-        """Per expert: gate mass and g_m ‖s_m B_m‖ |A_m x| / ‖W0 x‖ (DESIGN.md §2), summed over tokens.
+    def _accumulate(self, base_norm: torch.Tensor, z: torch.Tensor, logits: torch.Tensor, gates: torch.Tensor) -> None:
+        """Per expert m, summed over tokens (DESIGN.md §2), with ``c_m(x) = ‖s_m B_m‖ |A_m x| / ‖W0 x‖``:
 
-        ``base_norm``: ‖W0 x‖ per token (N,), float32.
+        - ``gate_mass``: g_m(x), the kept gate;
+        - ``contribution``: c_m(x), what the expert would add, kept or not;
+        - ``prob_contribution``: p_m(x) c_m(x) with p the softmax over *all* M logits: the router's
+          preference times the size of the expert's output, for every expert, kept or not;
+        - ``gated_contribution``: g_m(x) c_m(x), zero for an expert that is never kept (the first EEQA
+          importance, which feeds on its own quota: a matrix at K_t = 1 scores one expert).
 
-        The sums over tokens are vector-matrix products with a per-token weight
-        (1 / ‖W0 x‖, times 0 for padding), not a boolean selection that copies.
+        ``base_norm``: ‖W0 x‖ per token (N,), float32. The sums over tokens are vector-matrix
+        products with a per-token weight (1 / ‖W0 x‖, times 0 for padding), not a boolean
+        selection that copies.
         """
-        g = gates.detach().float().reshape(-1, self.num_experts)  # (N, M)
-        a = z.detach().abs().float().reshape(-1, self.num_experts)  # (N, M), a copy: |z| is written below
+        m = self.num_experts
+        g = gates.detach().float().reshape(-1, m)  # (N, M)
+        p = torch.softmax(logits.detach().float().reshape(-1, m), dim=-1)  # (N, M) over all experts
+        # ‖b_m (a_m)‖ = |a_m| ‖b_m‖: the norm of a rank-one output without forming it.
+        c = z.detach().abs().float().reshape(-1, m).mul_(self.expert_norm)  # (N, M), a copy: written below
         weight = base_norm.clamp_min(1e-6).reciprocal_()  # (N,)
         mask = self.stat_token_mask
         if mask is not None and mask.numel() == g.shape[0]:  # padding tokens say nothing about the task
@@ -331,17 +342,18 @@ class MoreLinear(nn.Module):
         else:
             self.stat_gate_mass.add_(g.sum(0))
             self.stat_tokens.add_(g.shape[0])
-        # ‖b_m (a_m)‖ = |a_m| ‖b_m‖: the norm of a rank-one output without forming it.
-        self.stat_contribution.add_((weight @ a.mul_(g)).mul_(self.expert_norm))  # (N,) @ (N, M) -> (M,)
+        self.stat_contribution.add_(weight @ c)  # (N,) @ (N, M) -> (M,)
+        self.stat_prob_contribution.add_(weight @ (p * c))
+        self.stat_gated_contribution.add_(weight @ c.mul_(g))
 
     def stats(self) -> dict[str, torch.Tensor | int]:
-        """Means over the tokens seen since the last reset."""
+        """Means over the tokens seen since the last reset: each of ``STAT_SUMS`` (M,) and ``tokens``."""
         tokens = max(float(self.stat_tokens), 1.0)
-        return {
-            "gate_mass": (self.stat_gate_mass / tokens).float().cpu(),
-            "contribution": (self.stat_contribution / tokens).float().cpu(),
-            "tokens": int(self.stat_tokens),
+        out: dict[str, torch.Tensor | int] = {
+            key: (getattr(self, f"stat_{key}") / tokens).float().cpu() for key in self.STAT_SUMS
         }
+        out["tokens"] = int(self.stat_tokens)
+        return out
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, gate={self.gate!r}, router={self.router.kind!r}"

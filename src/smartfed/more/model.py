@@ -219,7 +219,7 @@ class MoreModel(nn.Module):
     # --- expert statistics -----------------------------------------------------
     @contextmanager
     def tracking_expert_stats(self, reset: bool = True) -> Iterator[None]:
-        """Accumulate per-expert gate mass and contribution in every forward inside the block."""
+        """Accumulate the per-expert statistics (``MoreLinear._accumulate``) in every forward inside the block."""
         layers = self.more_layers().values()
         for layer in layers:
             if reset:
@@ -234,7 +234,7 @@ class MoreModel(nn.Module):
             self._tracking = False
 
     def expert_stats(self) -> dict[str, dict[str, torch.Tensor | int]]:
-        """Per MoRE matrix: mean gate mass (M,), mean contribution (M,), tokens seen."""
+        """Per MoRE matrix: the means of ``MoreLinear.STAT_SUMS`` (each (M,)) and the tokens seen."""
         return {name: layer.stats() for name, layer in self.more_layers().items()}
 
     def reset_expert_stats(self) -> None:
