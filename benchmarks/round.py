@@ -332,7 +332,7 @@ def measure_uplink(v: Variant) -> None:
     """Bytes a client sends up after its round: SmartFed's routers and importance, FedIT's A and B."""
     if isinstance(v.model, MoreModel):
         stats = v.model.expert_stats().items() if v.stats else ()  # without statistics no importance is sent
-        importance = {name: s["contribution"] for name, s in stats}
+        importance = {name: s["prob_contribution"] for name, s in stats}
         v.uplink = {"state": _nbytes(v.model.router_state_dict()), "importance": _nbytes(importance)}
     else:
         v.uplink = {"state": _nbytes(get_peft_model_state_dict(v.model)), "importance": 0}

@@ -14,13 +14,15 @@ from typing import Any, Literal, get_args
 
 import tomllib
 
-from ..more.config import GateType, RouterType
+from ..more.config import GateType, RouterInit, RouterType
 
 Partition = Literal["iid", "dirichlet"]
 EnergyMode = Literal["codecarbon", "none"]
 Aggregation = Literal["mean", "median", "trimmed_mean"]
 OnInsufficient = Literal["retry", "skip", "fail"]
 DpMode = Literal["none", "server", "client"]
+Importance = Literal["prob_contribution", "contribution", "gated_contribution"]
+WireDtype = Literal["float32", "bfloat16", "float16"]
 
 
 def _choice(name: str, value: object, choices_type: object) -> None:
@@ -46,6 +48,15 @@ class RunConfig:
     topk_experts: int = field(default=32, metadata={"help": "Experts kept per token per matrix (K)."})
     router: RouterType = field(default="linear", metadata={"help": "MoRE router: 'linear' or 'rank'."})
     gate: GateType = field(default="scaled_softmax", metadata={"help": "MoRE gate function."})
+    router_init: RouterInit = field(
+        default="normal",
+        metadata={
+            "help": "Router start: 'normal' (seeded, std --router_init_std: every token ranks the experts "
+            "differently) or 'zeros' (all logits equal: top-K keeps the last experts of the pool for every token)."
+        },
+    )
+    router_init_std: float = field(default=0.02, metadata={"help": "Std of the 'normal' router start."})
+    router_bias: bool = field(default=True, metadata={"help": "Give each router a per-expert bias."})
     lora_rank: int = field(default=16, metadata={"help": "Rank of LoRAs trained from scratch (fedit, flora, ...)."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha of LoRAs trained from scratch."})
     lora_target_modules: str = field(
@@ -58,6 +69,14 @@ class RunConfig:
     eeqa_period: int = field(default=1, metadata={"help": "Run EEQA every this many rounds."})
     eeqa_k_min: int = field(default=1, metadata={"help": "Smallest quota of a matrix under EEQA."})
     eeqa_k_max: int = field(default=0, metadata={"help": "Largest quota of a matrix under EEQA (0: its expert count)."})
+    eeqa_importance: Importance = field(
+        default="prob_contribution",
+        metadata={
+            "help": "Expert importance EEQA allocates by, with c_m = ‖s_m B_m A_m x‖/‖W0 x‖: 'prob_contribution' "
+            "(router softmax over all experts × c_m), 'contribution' (c_m alone), 'gated_contribution' "
+            "(kept gate × c_m: zero for dropped experts, so it feeds on its own quota)."
+        },
+    )
     client_budgets: str = field(
         default="", metadata={"help": "Comma-separated budgets β∈(0,1], cycled over clients ('' = all 1)."}
     )
@@ -77,6 +96,13 @@ class RunConfig:
         metadata={"help": "torch threads per client (0: leave torch's default; Ray gives each simulated client 1)."},
     )
     output_dir: str = field(default="runs/smartfed", metadata={"help": "Run folder."})
+    wire_dtype: WireDtype = field(
+        default="float32",
+        metadata={
+            "help": "dtype the states travel in, both directions, for every method (counted in the bytes); "
+            "the server keeps and averages float32."
+        },
+    )
     # --- faults, robust aggregation, privacy (docs/reliability.md) -------------------------
     min_fit_clients: int = field(
         default=1, metadata={"help": "Valid client replies a round needs to aggregate (else --on_insufficient)."}
@@ -154,6 +180,11 @@ class RunConfig:
             raise ValueError(f"alpha={self.alpha!r} must be > 0")
         _choice("router", self.router, RouterType)
         _choice("gate", self.gate, GateType)
+        _choice("router_init", self.router_init, RouterInit)
+        if not 0 < self.router_init_std < float("inf"):
+            raise ValueError(f"router_init_std={self.router_init_std!r} must be a finite number > 0")
+        _choice("eeqa_importance", self.eeqa_importance, Importance)
+        _choice("wire_dtype", self.wire_dtype, WireDtype)
         _choice("partition", self.partition, Partition)
         _choice("energy", self.energy, EnergyMode)
         self.budgets()  # validates client_budgets
@@ -190,6 +221,9 @@ class RunConfig:
                 f"secagg=True needs dp='none', aggregation='mean' and clip_update_norm=0 "
                 f"(got dp={self.dp!r}, aggregation={self.aggregation!r}, clip_update_norm={self.clip_update_norm!r})"
             )
+        if self.secagg and self.wire_dtype != "float32":
+            # SecAgg+ sends its own quantised integers, not the state's floats
+            raise ValueError(f"secagg=True sends quantised integers: wire_dtype={self.wire_dtype!r} must be 'float32'")
         if self.secagg and self.sample_clients < 2:
             raise ValueError(f"secagg=True needs sample_clients >= 2 (got {self.sample_clients!r})")
         if self.dp != "none" and (self.aggregation != "mean" or self.clip_update_norm > 0):

@@ -1,9 +1,11 @@
 """SmartFed (seed 001): clients train only MoRE routers; the server averages them and runs EEQA.
 
 - Client: AdamW on the routers of a MoRE model over the shared LoRA pool;
-  per-expert importance (gate-weighted contribution, DESIGN.md §2) is
-  accumulated over the local steps and sent up beside the router, when
-  someone reads it: EEQA on the server, or clients with a budget β < 1.
+  per-expert importance (``--eeqa_importance``, DESIGN.md §2: by default the
+  router's softmax over all experts times each expert's contribution, so an
+  expert scores whether it was kept or not) is accumulated over the local
+  steps and sent up beside the router, when someone reads it: EEQA on the
+  server, or clients with a budget β < 1.
   Otherwise the client skips the expert statistics and sends the router alone.
 - Server: Flower's FedAvg averages routers and importances by examples
   (both are arrays in the reply); EEQA turns the importance into per-matrix
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -38,12 +41,41 @@ class SmartFed(Method):
         self.config = config
 
     def more_config(self) -> MoreConfig:
-        return MoreConfig(top_k=self.config.topk_experts, router=self.config.router, gate=self.config.gate)
+        c = self.config
+        return MoreConfig(
+            top_k=c.topk_experts,
+            router=c.router,
+            gate=c.gate,
+            router_init=c.router_init,
+            router_init_std=c.router_init_std,
+            router_bias=c.router_bias,
+        )
 
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> MoreModel:
         if pool is None:
             raise ValueError("method 'smartfed' needs --lora_pool")
-        return attach_more(model, pool, self.more_config(), generator=generator)
+        more = attach_more(model, pool, self.more_config(), generator=generator)
+        self._check_budgets(more)
+        return more
+
+    def _check_budgets(self, model: MoreModel) -> None:
+        """Every client budget β must leave each matrix k_min experts: a configuration error at start, not each round."""
+        budgets = sorted(set(self.config.budgets()))
+        if budgets == [1.0]:
+            return
+        total, need = self.total_budget(model), self.config.eeqa_k_min * len(model.more_layers())
+        if need > total:
+            raise ValueError(
+                f"--eeqa_k_min={self.config.eeqa_k_min} × {len(model.more_layers())} matrices = {need} exceeds "
+                f"the expert budget K_total={total}"
+            )
+        if client_budget(total, budgets[0]) < need:
+            smallest = math.ceil(100 * need / total) / 100  # two decimals, rounded up: floor(β·K_total) ≥ need
+            raise ValueError(
+                f"--client_budgets: β={budgets[0]:g} keeps {client_budget(total, budgets[0])} of K_total={total} "
+                f"experts, fewer than --eeqa_k_min={self.config.eeqa_k_min} for each of the "
+                f"{len(model.more_layers())} matrices ({need}); the smallest β that fits is {smallest:g}"
+            )
 
     def get_state(self, model: MoreModel) -> dict[str, torch.Tensor]:
         return model.router_state_dict()
@@ -91,9 +123,8 @@ class SmartFed(Method):
             return super().local_train(model, batches, config)
         with model.tracking_expert_stats():
             result = super().local_train(model, batches, config)
-        result.extras = {
-            IMPORTANCE_PREFIX + name: stats["contribution"] for name, stats in model.expert_stats().items()
-        }
+        key = self.config.eeqa_importance
+        result.extras = {IMPORTANCE_PREFIX + name: stats[key] for name, stats in model.expert_stats().items()}
         return result
 
     def server_update(self, server_round: int, model: MoreModel, extras: Mapping[str, torch.Tensor]) -> ServerUpdate:
