@@ -30,6 +30,11 @@ ROW_FIELDS = {
     "bytes_up_extras",
     "bytes_down",
     "bytes_down_per_client",
+    "wire_dtype",
+    "train_seconds",
+    "train_kwh",
+    "eval_seconds",
+    "eval_kwh",
     "wall_seconds",
     "energy_kwh",
     "energy_method",
@@ -83,6 +88,9 @@ def test_federated_run_writes_every_field(full_run, assets):
     for row in rows:
         assert set(row) >= ROW_FIELDS, ROW_FIELDS - set(row)
         assert row["clients_replied"] == 2 and len(row["clients"]) == 2
+        # training and the server's evaluation are timed apart; the round is both
+        assert row["train_seconds"] > 0 and row["eval_seconds"] > 0
+        assert row["wall_seconds"] == pytest.approx(row["train_seconds"] + row["eval_seconds"], abs=0.05)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
     router = load_file(full_run / "checkpoints" / "round_0003.safetensors")
@@ -96,6 +104,8 @@ def test_federated_run_writes_every_field(full_run, assets):
         assert row["eeqa_gap"] >= 0
     summary = json.loads((full_run / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+    assert summary["bytes_total"] == summary["bytes_up_total"] + summary["bytes_down_total"]
+    assert summary["train_seconds_total"] == pytest.approx(sum(r["train_seconds"] for r in rows))
     config = json.loads((full_run / "config.json").read_text())
     assert config["num_clients"] == 4 and config["lora_pool"] == assets["pool"]
 

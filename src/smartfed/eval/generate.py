@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from smartfed.data.collate import encode_prompt, pad_token_id
 from smartfed.data.tasks import Task
 
-from .programs import score_records
+from .programs import per_example_scores
 
 
 def _model_device(model: Any) -> torch.device:
@@ -112,16 +112,19 @@ def evaluate_task(
     max_new_tokens: int = 16,
     batch_size: int = 16,
     limit: int | None = None,
-) -> dict[str, float]:
+    items: bool = False,
+) -> dict[str, Any]:
     """Score the model's greedy answers on ``dataset`` with ``task.metric``.
 
     Args:
         dataset: a ``datasets.Dataset`` (or mapping) with ``prompt`` and ``answer`` columns.
         limit: score only the first ``limit`` rows (None: all).
+        items: also return ``"items"``, the per-row scores in dataset order (what paired
+            comparisons and item-resampled intervals need).
 
     Returns:
         ``{"score": mean metric in [0, 1], "n": rows scored}``, both floats (the
-        metric's name is ``task.metric``). An empty dataset gives
+        metric's name is ``task.metric``), and ``"items"`` when asked. An empty dataset gives
         ``{"score": 0.0, "n": 0.0}``, which weighs nothing in an n-weighted mean.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0):
@@ -137,4 +140,8 @@ def evaluate_task(
     preds = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = dataset.select(range(len(prompts))) if hasattr(dataset, "select") else dataset
     # record-aware metrics (pass@1, program execution) read the rows' extra columns
-    return {"score": float(score_records(task.metric, preds, rows)), "n": float(len(prompts))}
+    scores = per_example_scores(task.metric, preds, rows)
+    result: dict[str, Any] = {"score": sum(scores) / len(scores), "n": float(len(prompts))}
+    if items:
+        result["items"] = [float(x) for x in scores]
+    return result

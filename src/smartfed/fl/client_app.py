@@ -20,7 +20,10 @@ from ..methods import LocalTrainConfig
 from . import keys, secagg
 from .privacy import KEY_CLIPPING_NORM, clip_state
 from .run_config import RunConfig
-from .runtime import derive_seed, get_runtime, tensor_bytes
+from .runtime import derive_seed, get_runtime
+from .wire import decode as wire_decode
+from .wire import encode as wire_encode
+from .wire import wire_bytes
 
 
 def partition_id(context: Context) -> int:
@@ -59,7 +62,8 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     if legacy:
         arrays, round_config = secagg.unpack_fitins(msg.content)
     else:
-        arrays, round_config = msg.content[keys.ARRAYS].to_torch_state_dict(), msg.content[keys.CONFIG]
+        arrays = wire_decode(msg.content[keys.ARRAYS].to_torch_state_dict(), config.wire_dtype)
+        round_config = msg.content[keys.CONFIG]
     server_round = int(round_config[keys.SERVER_ROUND])
     payload = json.loads(str(round_config.get(keys.PAYLOAD, "{}")))
     state_keys = set(method.get_state(model))
@@ -99,11 +103,12 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
         {
             keys.NUM_EXAMPLES: len(data),
             keys.TRAIN_LOSS: result.train_loss,
-            keys.STATE_BYTES: tensor_bytes(state),
-            keys.EXTRAS_BYTES: tensor_bytes(extras),
+            keys.STATE_BYTES: wire_bytes(state, config.wire_dtype),
+            keys.EXTRAS_BYTES: wire_bytes(extras, config.wire_dtype),
         }
     )
-    content = RecordDict({keys.ARRAYS: ArrayRecord({**state, **extras}), keys.METRICS: metrics})
+    arrays_up = ArrayRecord(wire_encode({**state, **extras}, config.wire_dtype))
+    content = RecordDict({keys.ARRAYS: arrays_up, keys.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 

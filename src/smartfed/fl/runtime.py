@@ -96,8 +96,3 @@ def get_runtime(config: RunConfig) -> Runtime:
     key = json.dumps({k: v for k, v in config.to_dict().items() if k != "output_dir"}, sort_keys=True)
     with _LOCK:
         return _cached(key)
-
-
-def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes of the tensor data (what crosses the wire, without framing)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())

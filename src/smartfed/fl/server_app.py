@@ -37,9 +37,10 @@ from . import keys, privacy, secagg
 from .energy import EnergyMeter
 from .run_config import RunConfig
 from .run_folder import RunFolder
-from .runtime import Runtime, get_runtime, tensor_bytes
+from .runtime import Runtime, get_runtime
 from .strategy import SmartFedStrategy, combine_for
 from .validation import Candidate, ReplyRules, validate
+from .wire import wire_bytes
 
 # Fault injection for the crash-safety tests: "PHASE:ROUND" kills this process with
 # SIGKILL at that point (phases: replied, metrics, checkpoint). Unset in normal runs.
@@ -51,7 +52,7 @@ def _failpoint(phase: str, server_round: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _evaluate(runtime: Runtime) -> dict[str, float]:
+def _evaluate(runtime: Runtime) -> dict[str, Any]:
     config = runtime.config
     with torch.no_grad():
         result = evaluate_task(
@@ -61,8 +62,9 @@ def _evaluate(runtime: Runtime) -> dict[str, float]:
             runtime.test,
             max_new_tokens=config.max_new_tokens,
             batch_size=16,
+            items=True,
         )
-    return {"score": float(result["score"]), "n": int(result["n"])}
+    return {"score": float(result["score"]), "n": int(result["n"]), "items": result.get("items", [])}
 
 
 def weighted_loss(updates: list[ClientUpdate]) -> float:
@@ -154,6 +156,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         sample_clients=config.sample_clients,
         seed=config.seed,
         timeout=config.round_timeout,
+        wire_dtype=config.wire_dtype,
     )
     strategy.method = method
     strategy.uniform_weights = config.dp != "none"
@@ -171,7 +174,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
     )
     for server_round in bar:
         t0 = time.monotonic()
-        energy.start()
+        energy.start()  # training: sampling, local training, aggregation (the claims' costs)
         state = method.get_state(model)
         down = {**state, **extras}
         strategy.down_extras = extras
@@ -238,8 +241,11 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
                 dp_entry, z_eff = privacy.round_log(config, len(accepted), dp_history)
                 dp_history.append(z_eff)
 
-        up_state = [tensor_bytes({k: v for k, v in c.arrays.items() if k in state}) for c in accepted]
-        up_extras = [tensor_bytes({k: v for k, v in c.arrays.items() if k not in state}) for c in accepted]
+        train_kwh, energy_method = energy.stop()
+        train_seconds = time.monotonic() - t0
+        wire = config.wire_dtype
+        up_state = [wire_bytes({k: v for k, v in c.arrays.items() if k in state}, wire) for c in accepted]
+        up_extras = [wire_bytes({k: v for k, v in c.arrays.items() if k not in state}, wire) for c in accepted]
         row: dict[str, Any] = {
             "round": server_round,
             "clients": strategy.sample_partitions(server_round),
@@ -248,8 +254,9 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
             "skipped": skipped,
             "dropped": dropped,
             "train_loss": weighted_loss(updates) if updates else None,
-            "bytes_down_per_client": tensor_bytes(down),
-            "bytes_down": tensor_bytes(down) * sent,
+            "wire_dtype": wire,
+            "bytes_down_per_client": wire_bytes(down, wire),
+            "bytes_down": wire_bytes(down, wire) * sent,
             "bytes_up_state": sum(up_state),
             "bytes_up_extras": sum(up_extras),
             "bytes_up_per_client": (sum(up_state) + sum(up_extras)) / max(len(accepted), 1),
@@ -258,13 +265,24 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         }
         if dp_entry is not None:
             row["dp"] = dp_entry
+        row.update(train_seconds=train_seconds, train_kwh=train_kwh)
+        t_eval, eval_kwh = time.monotonic(), None
         if server_round % config.eval_every == 0 or server_round == config.num_rounds:
+            energy.start()  # evaluation apart: it is the server's, not part of reaching the task
             result = _evaluate(runtime)
+            eval_kwh, _ = energy.stop()
             row.update(eval_metric=runtime.task.metric, eval_score=result["score"], eval_n=result["n"])
+            row["eval_items"] = result["items"]  # per held-out item, in order: paired, item-resampled intervals
         else:
             row.update(eval_metric=runtime.task.metric, eval_score=None, eval_n=0)
-        kwh, energy_method = energy.stop()
-        row.update(wall_seconds=time.monotonic() - t0, energy_kwh=kwh, energy_method=energy_method)
+        kwh = None if train_kwh is None else train_kwh + (eval_kwh or 0.0)
+        row.update(
+            eval_seconds=time.monotonic() - t_eval,
+            eval_kwh=eval_kwh,
+            wall_seconds=time.monotonic() - t0,
+            energy_kwh=kwh,
+            energy_method=energy_method,
+        )
         rows.append(row)
         folder.write_metrics(rows)  # before the checkpoint: see the module docstring
         _failpoint("metrics", server_round)
@@ -280,6 +298,8 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
 def _summarise(config: RunConfig, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     scored = [r for r in rows if r.get("eval_score") is not None]
     energies = [r["energy_kwh"] for r in rows if r.get("energy_kwh") is not None]
+    train_kwh = [r["train_kwh"] for r in rows if r.get("train_kwh") is not None]
+    up, down = sum(r["bytes_up"] for r in rows), sum(r["bytes_down"] for r in rows)
     return {
         "method": config.method,
         "task": config.task,
@@ -288,8 +308,14 @@ def _summarise(config: RunConfig, rows: list[dict[str, Any]], wall: float) -> di
         "final_eval_score": scored[-1]["eval_score"] if scored else None,
         "eval_metric": scored[-1]["eval_metric"] if scored else None,
         "final_train_loss": rows[-1]["train_loss"] if rows else None,
-        "bytes_up_total": sum(r["bytes_up"] for r in rows),
-        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "wire_dtype": config.wire_dtype,
+        "bytes_up_total": up,
+        "bytes_down_total": down,
+        # as the FlowerTune LLM leaderboard counts communication: up + down, all clients, all rounds
+        "bytes_total": up + down,
+        "train_seconds_total": sum(r.get("train_seconds", 0.0) for r in rows),
+        "eval_seconds_total": sum(r.get("eval_seconds", 0.0) for r in rows),
+        "train_kwh_total": sum(train_kwh) if train_kwh else None,
         "wall_seconds_this_session": wall,
         "energy_kwh_total": sum(energies) if energies else None,
         "energy_method": rows[-1]["energy_method"] if rows else None,

@@ -30,6 +30,8 @@ from . import keys
 from .run_config import RunConfig
 from .runtime import derive_seed
 from .validation import Candidate
+from .wire import decode as wire_decode
+from .wire import encode as wire_encode
 
 
 def combine_for(config: RunConfig, reference: Mapping[str, torch.Tensor]) -> Combine:
@@ -67,7 +69,9 @@ def _scalar(metrics: MetricRecord, key: str) -> object:
 class SmartFedStrategy(FedAvg):
     """FedAvg whose sampled clients depend only on (seed, round, attempt)."""
 
-    def __init__(self, *, num_clients: int, sample_clients: int, seed: int, timeout: float = 3600.0) -> None:
+    def __init__(
+        self, *, num_clients: int, sample_clients: int, seed: int, timeout: float = 3600.0, wire_dtype: str = "float32"
+    ) -> None:
         super().__init__(
             fraction_train=sample_clients / num_clients,
             fraction_evaluate=0.0,
@@ -81,6 +85,7 @@ class SmartFedStrategy(FedAvg):
         self.sample_clients = sample_clients
         self.seed = seed
         self.timeout = timeout
+        self.wire_dtype = wire_dtype  # what the arrays travel in (fl/wire.py); everything here sees float32
         self.node_of_partition: dict[int, int] = {}
         # set by the server loop each round
         self.attempt = 0  # re-samplings of this round so far
@@ -146,7 +151,7 @@ class SmartFedStrategy(FedAvg):
                 failures.append({"partition": pid, "node": node, "reason": "reply lacks its arrays or metrics record"})
                 continue
             try:
-                arrays = content[keys.ARRAYS].to_torch_state_dict()
+                arrays = wire_decode(content[keys.ARRAYS].to_torch_state_dict(), self.wire_dtype)
             except Exception as err:  # a malformed Array cannot become a tensor
                 failures.append({"partition": pid, "node": node, "reason": f"arrays do not decode ({err})"[:300]})
                 continue
@@ -218,8 +223,9 @@ class SmartFedStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[keys.SERVER_ROUND] = server_round
-        if self.down_extras:
-            arrays = ArrayRecord(torch_state_dict={**arrays.to_torch_state_dict(), **self.down_extras})
+        # Encoded here, inside any DP wrapper: the wrapper keeps the float32 state it clips replies against.
+        down = wire_encode({**arrays.to_torch_state_dict(), **self.down_extras}, self.wire_dtype)
+        arrays = ArrayRecord(torch_state_dict=down)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         nodes = [self.node_of_partition[p] for p in self.sample_partitions(server_round)]
         return self._construct_messages(record, nodes, MessageType.TRAIN)
