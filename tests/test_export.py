@@ -65,7 +65,8 @@ def test_rank_above_the_expert_count_is_zero_padded_and_exact():
 
 def test_equal_gates_and_full_rank_reproduce_the_sum_of_adapters(two_adapters, tmp_path):
     # zero router, K = M, scaled softmax: every gate is 1, ΔW = Σ_n s_n B_n A_n
-    more = attach_more(tiny_llama(), LoraPool.load(two_adapters), MoreConfig(top_k=None)).eval()
+    config = MoreConfig(top_k=None, router_init="zeros")
+    more = attach_more(tiny_llama(), LoraPool.load(two_adapters), config).eval()
     gates = mean_gates(more, _batches())
     for g in gates.values():
         torch.testing.assert_close(g, torch.ones(6), rtol=0, atol=0)

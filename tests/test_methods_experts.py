@@ -254,7 +254,7 @@ def test_mole_gates_are_averaged_by_examples_and_a_zero_gate_is_the_mean_merge(p
 
 def test_module_level_router_keeps_k_adapters_and_respects_budgets(pool_and_inputs):
     pool, ids = pool_and_inputs
-    method = get_method_class("smartfed_module")(_config(method="smartfed_module", topk_experts=2))
+    method = get_method_class("smartfed_module")(_config(method="smartfed_module", topk_experts=2, router_init="zeros"))
     model = method.build(tiny_llama(), pool, torch.Generator().manual_seed(0))
     state = method.get_state(model)
     assert {tuple(v.shape) for k, v in state.items() if k.endswith("weight")} == {(2, 32)}  # N=2 adapters

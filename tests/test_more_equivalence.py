@@ -91,7 +91,7 @@ def test_gpt2_conv1d_one_hot_equals_peft(tmp_path, input_ids):
     base = tiny_gpt2()
     path = make_adapter(base, tmp_path / "gpt2", r=4, alpha=8, target_modules=("c_attn",), fan_in_fan_out=True)
     pool = LoraPool.load([path])
-    more_model = attach_more(copy.deepcopy(base), pool, MoreConfig(top_k=None))
+    more_model = attach_more(copy.deepcopy(base), pool, MoreConfig(top_k=None, router_init="zeros"))
     with torch.no_grad():
         ours = more_model(input_ids).logits
         plain = base(input_ids).logits

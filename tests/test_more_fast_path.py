@@ -44,8 +44,15 @@ def _layer(
         adapter_index=torch.zeros(M, dtype=torch.long),
         rank_index=torch.arange(M),
     )
+    kind, _, raw = router.partition("_")  # "rank_raw": the rank router on A x itself
     config = MoreConfig(
-        top_k=top_k, router=router, gate=gate, router_bias=bias, router_init="normal", router_init_std=0.5
+        top_k=top_k,
+        router=kind,
+        rank_input="raw" if raw else "matched",
+        gate=gate,
+        router_bias=bias,
+        router_init="normal",
+        router_init_std=0.5,
     )
     layer = MoreLinear(base, experts, config, top_k=top_k, generator=gen)
     if bias:
@@ -73,6 +80,8 @@ def _run(layer: MoreLinear, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor,
         *itertools.product(["linear", "rank"], ["scaled_softmax", "softmax", "sigmoid"], [1, 5, M], [True]),
         ("linear", "scaled_softmax", 5, False),
         ("rank", "sigmoid", 5, False),
+        ("rank_raw", "scaled_softmax", 5, True),
+        ("rank_raw", "sigmoid", 1, False),
     ],
 )
 def test_fused_equals_reference(router, gate, top_k, bias, base):

@@ -122,14 +122,15 @@ def run_demo(console: Console | None = None, seed: int = 0) -> DemoResult:
 
         console.print("[bold]2. New task[/]: even tokens go up, odd tokens go down. Held-out accuracy before routing:")
         accuracy = {"base model": _accuracy(base, test_x, test_y)}
+        sum_config = MoreConfig(top_k=None, router_init="zeros")  # a zero router, K = M: the plain sum
         for name in ("up", "down"):
-            single = attach_more(copy.deepcopy(base), LoraPool.load([Path(tmp) / name]), MoreConfig(top_k=None))
+            single = attach_more(copy.deepcopy(base), LoraPool.load([Path(tmp) / name]), sum_config)
             accuracy[f"adapter '{name}' alone"] = _accuracy(single, test_x, test_y)
-        merged = attach_more(copy.deepcopy(base), pool, MoreConfig(top_k=None))
+        merged = attach_more(copy.deepcopy(base), pool, sum_config)
         accuracy["sum merge of both"] = _accuracy(merged, test_x, test_y)
 
         config = MoreConfig(top_k=8, router="linear")
-        model = attach_more(copy.deepcopy(base), pool, config)
+        model = attach_more(copy.deepcopy(base), pool, config, generator=generator)
         trainable, total = model.num_parameters_summary()
         console.print(
             f"[bold]3. MoRE[/]: {pool.num_experts} rank-one experts, top-{config.top_k} per matrix; "

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import tomllib
 
-from ..more.config import GateType, RouterInit, RouterType
+from ..more.config import GateType, RankInput, RouterInit, RouterType
 
 Partition = Literal["iid", "dirichlet"]
 EnergyMode = Literal["codecarbon", "none"]
@@ -48,6 +48,13 @@ class RunConfig:
     topk_experts: int = field(default=32, metadata={"help": "Experts kept per token per matrix (K)."})
     router: RouterType = field(default="linear", metadata={"help": "MoRE router: 'linear' or 'rank'."})
     gate: GateType = field(default="scaled_softmax", metadata={"help": "MoRE gate function."})
+    rank_input: RankInput = field(
+        default="matched",
+        metadata={
+            "help": "Rank router input: 'matched' (A x scaled per token to the L1 mass of x, so it learns as fast "
+            "as the linear router at one learning rate) or 'raw' (A x)."
+        },
+    )
     router_init: RouterInit = field(
         default="normal",
         metadata={
@@ -181,6 +188,7 @@ class RunConfig:
         _choice("router", self.router, RouterType)
         _choice("gate", self.gate, GateType)
         _choice("router_init", self.router_init, RouterInit)
+        _choice("rank_input", self.rank_input, RankInput)
         if not 0 < self.router_init_std < float("inf"):
             raise ValueError(f"router_init_std={self.router_init_std!r} must be a finite number > 0")
         _choice("eeqa_importance", self.eeqa_importance, Importance)

@@ -39,9 +39,16 @@ ROUTERS_ATTRIBUTE = "module_routers"
 class AdapterRouter(nn.Module):
     """Top-K gates over the N_t adapters of one matrix, from a MoRE ``Router`` on the layer input."""
 
-    def __init__(self, num_adapters: int, in_features: int, config: MoreConfig, top_k: int) -> None:
+    def __init__(
+        self,
+        num_adapters: int,
+        in_features: int,
+        config: MoreConfig,
+        top_k: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
-        self.router = Router(num_adapters, in_features, config)
+        self.router = Router(num_adapters, in_features, config, generator=generator)
         self.gate = config.gate
         self.max_k = top_k
         self.top_k = top_k
@@ -68,7 +75,15 @@ class SmartFedModule(GatedAdapterMethod):
         if pool is None:
             raise ValueError("method 'smartfed_module' needs --lora_pool")
         freeze(model)
-        config = MoreConfig(top_k=None, router="linear", gate=self.config.gate)
+        c = self.config
+        config = MoreConfig(
+            top_k=None,
+            router="linear",
+            gate=c.gate,
+            router_init=c.router_init,
+            router_init_std=c.router_init_std,
+            router_bias=c.router_bias,
+        )
         routers = nn.ModuleDict()
         for name in pool.module_names:
             experts = pool.modules[name]
@@ -82,7 +97,7 @@ class SmartFedModule(GatedAdapterMethod):
             base = checked_base_layer(model, pool, name)
             key = name.replace(".", "_")
             top_k = min(self.config.topk_experts, len(pool))
-            routers[key] = AdapterRouter(len(pool), experts.in_features, config, top_k)
+            routers[key] = AdapterRouter(len(pool), experts.in_features, config, top_k, generator)
             replace_module(model, name, AdapterGatedLinear(base, experts, routers[key].__call__))
         model.add_module(self.gates_attribute, routers)
         return model

@@ -45,6 +45,7 @@ class SmartFed(Method):
         return MoreConfig(
             top_k=c.topk_experts,
             router=c.router,
+            rank_input=c.rank_input,
             gate=c.gate,
             router_init=c.router_init,
             router_init_std=c.router_init_std,

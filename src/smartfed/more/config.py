@@ -18,6 +18,7 @@ import torch
 RouterType = Literal["linear", "rank"]
 GateType = Literal["scaled_softmax", "softmax", "sigmoid"]
 RouterInit = Literal["zeros", "normal"]
+RankInput = Literal["matched", "raw"]
 RouterDtype = Literal["float32", "bfloat16", "float16"]
 ExpertDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -53,6 +54,14 @@ class MoreConfig:
             "help": "'linear': logits = W_r x with W_r (M, d_in) on the layer input; "
             "'rank': logits = W_r (A x) with W_r (M, M) on the rank-space activations, "
             "d_in/M times fewer trainable parameters."
+        },
+    )
+    rank_input: RankInput = field(
+        default="matched",
+        metadata={
+            "help": "What the 'rank' router reads: 'matched' = c·(A x) with c = ‖x‖₁/‖A x‖₁ per token (a "
+            "constant of the graph), so its logits move as fast as the linear router's at one learning rate; "
+            "'raw' = A x (about 10× slower on SmolLM2)."
         },
     )
     gate: GateType = field(
@@ -107,6 +116,7 @@ class MoreConfig:
             raise ValueError(f"MoreConfig.top_k={self.top_k!r} must be >= 1")
         _check_choice("router", self.router, RouterType)
         _check_choice("gate", self.gate, GateType)
+        _check_choice("rank_input", self.rank_input, RankInput)
         _check_choice("router_init", self.router_init, RouterInit)
         _check_choice("router_dtype", self.router_dtype, RouterDtype)
         _check_choice("expert_dtype", self.expert_dtype, ExpertDtype)

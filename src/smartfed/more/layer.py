@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from .config import MoreConfig
 from .pool import PoolModule
-from .router import Router, top_k_gates, top_k_gates_backward
+from .router import Router, rank_input_scale, top_k_gates, top_k_gates_backward
 
 
 def base_layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -48,16 +48,26 @@ def _token_norms(result: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(result.detach().reshape(-1, result.shape[-1]), dim=-1, dtype=torch.float32)
 
 
-def _route(x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
-    """The routed rank space, forward: ``(features, z, logits, gates, h)`` with ``h = s ⊙ g ⊙ z`` and ``z = A x``."""
+def _route(x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str, match: bool):
+    """The routed rank space, forward: ``(features, z, logits, gates, h, c)`` with ``h = s ⊙ g ⊙ z``, ``z = A x``.
+
+    ``c`` (T, 1): the rank router's per-token input scale when ``match`` (``rank_input_scale``), else None.
+    """
     z = x @ lora_A.t()  # (T, d_in) -> (T, M)
-    features = (x if router_kind == "linear" else z).to(weight.dtype)  # (T, F)
+    c = None
+    if router_kind == "linear":
+        features = x.to(weight.dtype)  # (T, d_in)
+    elif match:
+        c = rank_input_scale(x, z)  # (T, 1)
+        features = (z * c).to(weight.dtype)  # (T, M)
+    else:
+        features = z.to(weight.dtype)  # (T, M)
     # (T, F) -> (T, M)
     logits = features @ weight.t() if bias is None else torch.addmm(bias, features, weight.t())
     gates = top_k_gates(logits, top_k, gate)  # (T, M), top_k nonzero per row
     h = z * gates.to(z.dtype)
     h.mul_(scale)  # (T, M): s_m folded into column m
-    return features, z, logits, gates, h
+    return features, z, logits, gates, h, c
 
 
 def _route_backward(ctx, grad_h, saved, needs: tuple[bool, bool, bool], grad_x=None):
@@ -76,7 +86,9 @@ def _route_backward(ctx, grad_h, saved, needs: tuple[bool, bool, bool], grad_x=N
     if not needs_x:
         return None, grad_weight, grad_bias
     same = weight.dtype == grad_z.dtype
-    if ctx.router_kind == "rank":  # the logits read z: their gradient joins z's before A
+    if ctx.router_kind == "rank" and ctx.rank_scale is not None:  # the logits read c z, c a constant per token
+        grad_z += (grad_logits @ weight).mul_(ctx.rank_scale).to(grad_z.dtype)  # (T, M) @ (M, M) * (T, 1)
+    elif ctx.router_kind == "rank":  # the logits read z: their gradient joins z's before A
         if same:
             grad_z.addmm_(grad_logits, weight)  # (T, M) += (T, M) @ (M, M)
         else:
@@ -112,10 +124,10 @@ class RoutedRankSpace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str):
-        features, z, logits, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
+    def forward(ctx, x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str, match: bool):
+        features, z, logits, gates, h, c = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind, match)
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates)
-        ctx.top_k, ctx.gate, ctx.router_kind = top_k, gate, router_kind
+        ctx.top_k, ctx.gate, ctx.router_kind, ctx.rank_scale = top_k, gate, router_kind, c
         ctx.mark_non_differentiable(z, logits, gates)
         ctx.set_materialize_grads(False)  # no zero tensors for the grads of z, logits and g, which never get one
         return h, z, logits, gates
@@ -124,9 +136,9 @@ class RoutedRankSpace(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h, _grad_z, _grad_logits, _grad_gates):
         if grad_h is None:
-            return (None,) * 8
+            return (None,) * 9
         grads = _route_backward(ctx, grad_h, ctx.saved_tensors, ctx.needs_input_grad[:3])
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 class RoutedLinear(torch.autograd.Function):
@@ -148,14 +160,14 @@ class RoutedLinear(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, lora_A, scale, expert_B, base_weight, base_bias, top_k: int, gate: str,
-        router_kind: str, want_norm: bool,
+        router_kind: str, match: bool, want_norm: bool,
     ):  # fmt: skip
         out = F.linear(x, base_weight, base_bias)  # (T, d_in) -> (T, d_out): the frozen base
         norm = _token_norms(out) if want_norm else out.new_empty(0)  # (T,) ‖W0 x + b0‖, before the experts
-        features, z, logits, gates, h = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind)
+        features, z, logits, gates, h, c = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind, match)
         out.addmm_(h, expert_B.t())  # (T, d_out) += (T, M) @ (M, d_out), into our own buffer
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates, expert_B, base_weight)
-        ctx.top_k, ctx.gate, ctx.router_kind = top_k, gate, router_kind
+        ctx.top_k, ctx.gate, ctx.router_kind, ctx.rank_scale = top_k, gate, router_kind, c
         ctx.mark_non_differentiable(z, logits, gates, norm)
         ctx.set_materialize_grads(False)
         return out, z, logits, gates, norm
@@ -164,13 +176,13 @@ class RoutedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, _grad_z, _grad_logits, _grad_gates, _grad_norm):
         if grad_out is None:
-            return (None,) * 12
+            return (None,) * 13
         *saved, expert_B, base_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         grad_h = grad_out @ expert_B  # (T, d_out) @ (d_out, M) -> (T, M)
         grad_x = grad_out @ base_weight if needs[0] else None  # (T, d_out) @ (d_out, d_in) -> (T, d_in)
         grads = _route_backward(ctx, grad_h, saved, needs, grad_x)
-        return *grads, *(None,) * 9
+        return *grads, *(None,) * 10
 
 
 class MoreLinear(nn.Module):
@@ -255,6 +267,7 @@ class MoreLinear(nn.Module):
             self.top_k,
             self.gate,
             self.router.kind,
+            self.router.match,
         )  # (T, M) each
         if self.track_stats:
             self._accumulate(_token_norms(result), z, logits, gates)
@@ -296,6 +309,7 @@ class MoreLinear(nn.Module):
             self.top_k,
             self.gate,
             self.router.kind,
+            self.router.match,
             self.track_stats,
         )  # (T, d_out), (T, M), (T, M), (T, M), (T,)
         if self.track_stats:

@@ -64,11 +64,28 @@ def top_k_gates_backward(u: torch.Tensor, gates: torch.Tensor, k: int, gate: str
     return torch.addcmul(u, gates, total, value=-1.0)  # (..., M)
 
 
+def rank_input_scale(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per token ``c = ‖x‖₁ / ‖z‖₁`` (T, 1), a constant of the graph (no gradient flows through it).
+
+    Why: AdamW moves every router weight by about the learning rate per step, so a
+    logit moves by about lr·‖features‖₁. The linear router reads x (d_in features);
+    the rank router reads z = A x (M ≪ d_in features, and A shrinks them), so at the
+    same learning rate its logits moved ~10× slower on SmolLM2 (M = 16, d_in = 576)
+    and it stayed where it started. Reading ``c z`` gives its input the layer
+    input's L1 mass, so both routers move alike at one learning rate, on any model.
+    """
+    with torch.no_grad():
+        x_mass = torch.linalg.vector_norm(x, ord=1, dim=-1, keepdim=True, dtype=torch.float32)  # (T, 1)
+        z_mass = torch.linalg.vector_norm(z, ord=1, dim=-1, keepdim=True, dtype=torch.float32)  # (T, 1)
+        return (x_mass / z_mass.clamp_min(1e-12)).to(z.dtype)
+
+
 class Router(nn.Module):
     """Logits over the M experts of one matrix.
 
     ``linear`` reads the layer input x (W_r: (M, d_in)); ``rank`` reads the
-    rank-space activations A x (W_r: (M, M)), a router d_in/M times smaller.
+    rank-space activations z = A x (W_r: (M, M)), a router d_in/M times smaller,
+    scaled per token by ``rank_input_scale`` unless ``rank_input="raw"``.
     """
 
     def __init__(
@@ -82,6 +99,7 @@ class Router(nn.Module):
     ) -> None:
         super().__init__()
         self.kind = config.router
+        self.match = config.router == "rank" and config.rank_input == "matched"
         fan_in = in_features if config.router == "linear" else num_experts
         dtype = config.router_torch_dtype
         self.weight = nn.Parameter(torch.zeros(num_experts, fan_in, dtype=dtype, device=device))
@@ -93,5 +111,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) layer input; z: (..., M) = A x. Returns logits (..., M)."""
-        features = x if self.kind == "linear" else z
+        if self.kind == "linear":
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        features = z * rank_input_scale(x, z) if self.match else z
         return F.linear(features.to(self.weight.dtype), self.weight, self.bias)
