@@ -152,6 +152,33 @@ def test_compare_runs_each_method_and_seed_once_on_identical_settings(tmp_path, 
     assert len(calls) == 5
 
 
+def test_compare_resumes_a_shorter_run_and_refuses_a_folder_of_other_settings(tmp_path, monkeypatch):
+    """A run folder is never mixed: same settings but fewer rounds are resumed, other settings refused up front."""
+    calls: list[tuple[RunConfig, bool]] = []
+
+    def fake_run(config: RunConfig, resume: bool = False, **_: object) -> None:
+        calls.append((config, resume))
+        RunFolder(config.output_dir).write_config(config.to_dict())
+        RunFolder(config.output_dir).write_metrics([_row(1, 0.5, 1, 1.0, None)])  # round 1 only: unfinished
+
+    import smartfed.fl.simulation as simulation
+
+    monkeypatch.setattr(simulation, "run_simulation", fake_run)
+    base = RunConfig(model_name_or_path="m", lora_pool="p", seed=3, num_rounds=2, energy="none")
+    out = tmp_path / "cmp"
+    compare_module.compare(base, ["fedit"], [3], out)  # unfinished (no summary.json): the next call resumes
+    compare_module.compare(RunConfig(**{**base.to_dict(), "num_rounds": 3}), ["fedit"], [3], out)
+    assert [resume for _, resume in calls] == [False, True]
+    other = RunConfig(**{**base.to_dict(), "learning_rate": 0.1})
+    with pytest.raises(FileExistsError, match="holds a SmartFed run"):
+        compare_module.compare(other, ["fedit"], [3], out)
+    (tmp_path / "cmp2" / "fedit" / "seed3").mkdir(parents=True)
+    (tmp_path / "cmp2" / "fedit" / "seed3" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a SmartFed run folder"):
+        compare_module.compare(base, ["fedit"], [3], tmp_path / "cmp2")
+    assert len(calls) == 2  # refused before running anything
+
+
 def test_compare_rejects_unknown_methods_and_bad_seeds():
     with pytest.raises(ValueError, match="nosuch"):
         compare_module.parse_methods("fedit,nosuch")

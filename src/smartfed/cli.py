@@ -116,15 +116,21 @@ def _run_options() -> list[inspect.Parameter]:
 def _run(
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML/YAML/JSON file of the same keys.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete the previous SmartFed run in --output_dir first.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     **flags: Any,
 ) -> None:
     """Run a federation on Flower's simulation engine; writes a run folder under --output_dir."""
+    from contextlib import ExitStack
+
     from .fl.run_config import RunConfig
     from .fl.run_folder import RunFolder
     from .fl.simulation import run_simulation
 
+    stack = ExitStack()  # holds the run folder's lock from the checks to the end of the run
     try:
         values: dict[str, Any] = {}
         if resume is not None:
@@ -134,27 +140,38 @@ def _run(
             values.update(RunConfig.from_file(config))
         values.update({k: v for k, v in flags.items() if v is not None})
         run_config = RunConfig.from_dict(values, source=str(config or "flags"))
+        if resume is not None and Path(run_config.output_dir).expanduser().resolve() != resume.expanduser().resolve():
+            raise ValueError(
+                f"--resume {resume} with --output_dir {run_config.output_dir}: a resume continues the run in its "
+                "own folder (drop --output_dir, or start a new run there without --resume)"
+            )
         run_config.require_sources()
-        _check_paths(run_config)
         if resume is not None:  # a damaged run folder fails here, not inside Flower
             folder = RunFolder(resume)
             folder.read_metrics()
             if folder.last_checkpoint():
                 folder.load_checkpoint(folder.last_checkpoint())
+        pool = _check_paths(run_config)
+        folder = RunFolder(run_config.output_dir)  # refused here, with nothing written, or locked
+        stack.enter_context(folder.open_run(run_config, resume=resume is not None, overwrite=overwrite, pool=pool))
     except (ValueError, OSError) as err:
+        stack.close()
         _error_exit(err, debug)
-    run_simulation(run_config, resume=resume is not None, verbose=verbose)
+    with stack:
+        run_simulation(run_config, resume=resume is not None, verbose=verbose)
     summary = Path(run_config.output_dir) / "summary.json"
     Console().print(f"run folder: {run_config.output_dir}  (summary: {summary})")
 
 
-def _check_paths(config) -> None:
-    """Fail before starting Flower when a local path the run needs is missing."""
+def _check_paths(config) -> Any:
+    """Fail before starting Flower when a local path the run needs is missing; returns the loaded pool (or None)."""
+    from .methods import get_method_class, load_builtin_methods
     from .more import LoraPool
     from .zoo import resolve_pool
 
+    pool = None
     if config.lora_pool:
-        LoraPool.load(resolve_pool(config.lora_pool))  # names the missing or broken adapter
+        pool = LoraPool.load(resolve_pool(config.lora_pool))  # names the missing or broken adapter
     model = Path(config.model_name_or_path).expanduser()
     if config.model_name_or_path.startswith((".", "/", "~")) and not model.exists():
         raise FileNotFoundError(f"--model_name_or_path {config.model_name_or_path}: no such folder")
@@ -169,6 +186,10 @@ def _check_paths(config) -> None:
     from .data import load_task
 
     load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)  # bad data files
+    if pool is not None:  # e.g. --topk_experts above the pool's expert count
+        load_builtin_methods()
+        get_method_class(config.method)(config).check_pool(pool)
+    return pool
 
 
 _run.__signature__ = inspect.signature(_run, eval_str=True).replace(  # type: ignore[attr-defined]
@@ -272,7 +293,7 @@ def _compare(
     **flags: Any,
 ) -> None:
     """Run methods × seeds on identical partitions into <output_dir>/<method>/seed<k>/, then write comparison.md."""
-    from .compare import compare, parse_methods, seed_list
+    from .compare import check_outputs, compare, parse_methods, plan, seed_list
     from .fl.run_config import RunConfig
 
     try:
@@ -285,6 +306,7 @@ def _compare(
         seed_values = seed_list(base.seed, seeds)
         base.require_sources()
         _check_paths(base)
+        check_outputs(plan(base, names, seed_values, base.output_dir))  # no run folder is mixed or overwritten
     except (ValueError, OSError) as err:
         _error_exit(err, debug)
     total = len(names) * len(seed_values)
@@ -501,12 +523,14 @@ def export_command(
     debug: DebugOpt = False,
 ) -> None:
     """Export the routed mixture of a finished run as a static PEFT LoRA adapter of rank R, and score what it costs."""
-    from .export import compare_scores, export_run, write_report
+    from .export import check_output, compare_scores, export_run, write_report
 
     if to != "peft":
         _error_exit(f"--to {to!r}: the only export format is 'peft'")
-    if output.exists() and not overwrite and not (output.is_dir() and not any(output.iterdir())):
-        _error_exit(f"--output {output} already exists (add --overwrite to replace it)")
+    try:  # not into a run folder, the model's folder, or over anything but an earlier export
+        check_output(output, overwrite=overwrite, run_dir=run_dir)
+    except (FileExistsError, ValueError) as err:
+        _error_exit(err, debug)
     loaded = _load_run(run_dir, round_, pool, debug)
     try:
         loaded, report = export_run(

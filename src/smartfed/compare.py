@@ -4,8 +4,10 @@ Every (method, seed) run goes through ``run_simulation``, the code path of
 ``smartfed run``, into ``<out>/<method>/seed<k>/``. For one seed every method
 gets the same data, partitions, client sampling and local batches (they all
 derive from ``seed``), so the comparison is paired. A run folder whose
-``summary.json`` exists with the same config is reused, so an interrupted
-comparison continues where it stopped.
+``summary.json`` exists with the same config is reused, and one that holds an
+unfinished (or shorter) run of the same settings is resumed, so an interrupted
+comparison continues where it stopped. Any other non-empty folder is refused
+before the first run starts (a run folder holds one run, never two).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .fl.run_config import RunConfig
-from .fl.run_folder import CONFIG_FILE, SUMMARY_FILE
+from .fl.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolder
 from .report import write_report
 
 
@@ -68,6 +70,25 @@ def is_done(config: RunConfig) -> bool:
     }
 
 
+def resumable(config: RunConfig) -> bool:
+    """The run folder holds a run that ``config`` may continue (same settings but, e.g., ``num_rounds``)."""
+    folder = RunFolder(config.output_dir)
+    if not (folder.path / CONFIG_FILE).is_file():
+        return False
+    try:
+        folder.check_resume(config)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def check_outputs(configs: Sequence[RunConfig]) -> None:
+    """Refuse, before anything runs, a run folder that is neither reusable, resumable nor empty."""
+    for config in configs:
+        if not is_done(config) and not resumable(config):
+            RunFolder(config.output_dir).check_fresh()
+
+
 def compare(
     base: RunConfig,
     methods: Sequence[str],
@@ -86,10 +107,11 @@ def compare(
     from .fl.simulation import run_simulation
 
     configs = plan(base, methods, seeds, out)
+    check_outputs(configs)
     for config in configs:
         reused = is_done(config)
         if on_run is not None:
             on_run(config, reused)
         if not reused:
-            run_simulation(config, progress=progress, verbose=verbose)
+            run_simulation(config, resume=resumable(config), progress=progress, verbose=verbose)
     return write_report([c.output_dir for c in configs], out, target=target)

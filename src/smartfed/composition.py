@@ -209,7 +209,9 @@ def federated_run(config: CompositionConfig, seed: int, pool: str, method: str, 
     from .inference import load
 
     started = time.monotonic()
-    run_simulation(_run_config(config, seed, pool, method, out), progress=True)
+    # out is the demo's own <out>/seed<k>/<method> folder: a rerun replaces the previous run there
+    # (overwrite deletes only a SmartFed run folder, and never mixes two runs)
+    run_simulation(_run_config(config, seed, pool, method, out), progress=True, overwrite=True)
     wall = time.monotonic() - started
     loaded = load(out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

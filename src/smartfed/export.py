@@ -203,11 +203,46 @@ def static_factors(model: MoreModel, gates: dict[str, torch.Tensor], rank: int) 
     return factors
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
-        raise FileExistsError(f"export output {output} already exists (pass overwrite=True / --overwrite)")
+def check_output(
+    output: str | os.PathLike, *, overwrite: bool = False, run_dir: str | os.PathLike | None = None
+) -> None:
+    """Refuse an export folder that would overwrite or mix into something else (before any slow work).
+
+    Never inside a run folder (``run_dir``, or any folder with a SmartFed config.json above
+    ``output``), nor inside the run's model or adapter folders; an existing non-empty
+    ``output`` only with ``overwrite``, and then only a previous export (it is deleted).
+    """
+    from .fl.run_folder import RunFolder, enclosing_run_folder, is_within
+
+    output = Path(output).expanduser()
+    run = enclosing_run_folder(output)
+    if run is None and run_dir is not None and is_within(output, run_dir):
+        run = Path(run_dir)
+    if run is not None:
+        raise ValueError(f"--output {output} lies inside the run folder {run}; export to a folder outside it")
+    if run_dir is not None:
+        try:
+            config = RunFolder(run_dir).read_config()
+        except (OSError, ValueError):
+            config = {}  # loading the run names the problem
+        sources = [str(config.get("model_name_or_path") or "")]
+        sources += [s.strip() for s in str(config.get("lora_pool") or "").split(",")]
+        for source in sources:
+            if source and Path(source).expanduser().exists() and is_within(output, source):
+                raise ValueError(f"--output {output} lies inside {source}, a model or adapter the run uses")
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"export output {output} exists and is not a folder")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"export output {output} already exists (pass overwrite=True / --overwrite)")
+        if not (output / REPORT_FILE).is_file():
+            raise ValueError(
+                f"--overwrite: {output} is not a SmartFed export (no {REPORT_FILE}); refusing to replace it"
+            )
+
+
+def _prepare_output(output: Path, overwrite: bool, run_dir: str | os.PathLike | None = None) -> None:
+    check_output(output, overwrite=overwrite, run_dir=run_dir)
 
 
 def _move_into_place(tmp: Path, output: Path) -> None:
@@ -315,7 +350,7 @@ def export_run(
 
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise ValueError(f"calibration={calibration!r} must be a positive int")
-    _prepare_output(Path(output).expanduser(), overwrite)  # fail before the slow part
+    _prepare_output(Path(output).expanduser(), overwrite, run_dir)  # fail before the slow part
     if loaded is None:
         loaded = load(run_dir, checkpoint=checkpoint, pool=pool)
     if not isinstance(loaded.model, MoreModel):

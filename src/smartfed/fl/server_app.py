@@ -139,10 +139,22 @@ def _secure_attempt(grid: Grid, strategy: SmartFedStrategy, config: RunConfig, s
 
 
 def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the federation of ``config``; returns the summary."""
+    """Run (or resume) the federation of ``config``; returns the summary.
+
+    The run folder is checked and locked first (``RunFolder.open_run``): a fresh run needs an
+    empty folder, a resume the folder's own settings and adapters; the lock is re-entrant, so
+    ``run_simulation`` and the CLI, which take it before Flower starts, keep holding it.
+    """
+    folder = RunFolder(Path(config.output_dir).expanduser().resolve())
+    with folder.open_run(config, resume=resume):
+        return _serve(grid, config, folder, resume=resume, progress=progress)
+
+
+def _serve(grid: Grid, config: RunConfig, folder: RunFolder, *, resume: bool, progress: bool) -> dict[str, Any]:
     runtime = get_runtime(config)
     method, model = runtime.method, runtime.model
-    folder = RunFolder(Path(config.output_dir).expanduser().resolve())
+    if resume:  # the adapters' weights, now that they are loaded: changed in place is another pool
+        folder.check_resume(config, runtime.pool)
     log(INFO, "SmartFed run folder: %s", folder.path)
     folder.write_config(config.to_dict())
     folder.write_pool(runtime.pool)

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from .client_app import make_client_app
 from .run_config import RunConfig
+from .run_folder import RunFolder
 from .server_app import make_server_app
 
 
-def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = True, verbose: bool = False) -> None:
-    """Simulate ``config.num_clients`` clients with Flower; writes ``config.output_dir``."""
+def run_simulation(
+    config: RunConfig, *, resume: bool = False, progress: bool = True, verbose: bool = False, overwrite: bool = False
+) -> None:
+    """Simulate ``config.num_clients`` clients with Flower; writes ``config.output_dir``.
+
+    A fresh run needs an empty (or new) folder; ``overwrite=True`` first deletes a previous
+    SmartFed run there (and refuses any other folder); ``resume=True`` continues the folder's
+    run with the same settings. The folder is locked for the whole simulation.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -30,10 +39,12 @@ def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = 
         "client_resources": {"num_cpus": max(config.client_threads, 1), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
-    flwr_run_simulation(
-        server_app=make_server_app(config, resume=resume, progress=progress),
-        client_app=make_client_app(config),
-        num_supernodes=config.num_clients,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    folder = RunFolder(Path(config.output_dir).expanduser().resolve())
+    with folder.open_run(config, resume=resume, overwrite=overwrite):  # refused before Flower starts
+        flwr_run_simulation(
+            server_app=make_server_app(config, resume=resume, progress=progress),
+            client_app=make_client_app(config),
+            num_supernodes=config.num_clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )

@@ -99,6 +99,9 @@ class Method(ABC):
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> nn.Module:
         """Wrap the frozen base ``model`` into the trainable client model."""
 
+    def check_pool(self, pool: LoraPool) -> None:  # noqa: B027 (optional hook)
+        """Refuse, naming the flag, settings this pool cannot serve (called by ``build`` and before a run starts)."""
+
     @abstractmethod
     def get_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors a client sends up (and the server sends down)."""
