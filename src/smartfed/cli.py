@@ -163,8 +163,13 @@ def _run(
     Console().print(f"run folder: {run_config.output_dir}  (summary: {summary})")
 
 
-def _check_paths(config) -> Any:
-    """Fail before starting Flower when a local path the run needs is missing; returns the loaded pool (or None)."""
+def _check_paths(config, methods: Optional[list[str]] = None) -> Any:
+    """Fail before starting Flower when a local path the run needs is missing; returns the loaded pool (or None).
+
+    ``methods``: the methods that will run over the pool (default: ``config.method``).
+    """
+    from dataclasses import replace
+
     from .methods import get_method_class, load_builtin_methods
     from .more import LoraPool
     from .zoo import resolve_pool
@@ -188,7 +193,8 @@ def _check_paths(config) -> Any:
     load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)  # bad data files
     if pool is not None:  # e.g. --topk_experts above the pool's expert count
         load_builtin_methods()
-        get_method_class(config.method)(config).check_pool(pool)
+        for name in methods or [config.method]:
+            get_method_class(name)(replace(config, method=name)).check_pool(pool)
     return pool
 
 
@@ -305,7 +311,7 @@ def _compare(
         names = parse_methods(methods)
         seed_values = seed_list(base.seed, seeds)
         base.require_sources()
-        _check_paths(base)
+        _check_paths(base, methods=names)
         check_outputs(plan(base, names, seed_values, base.output_dir))  # no run folder is mixed or overwritten
     except (ValueError, OSError) as err:
         _error_exit(err, debug)
