@@ -142,6 +142,15 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
     """Run (or resume) the federation of ``config``; returns the summary."""
     runtime = get_runtime(config)
     method, model = runtime.method, runtime.model
+    strategy = SmartFedStrategy(
+        num_clients=config.num_clients,
+        sample_clients=config.sample_clients,
+        seed=config.seed,
+        timeout=config.round_timeout,
+        wire_dtype=config.wire_dtype,
+    )
+    # before the run folder is touched: a federation with too few nodes fails (bounded wait) leaving nothing
+    strategy.discover(grid)
     folder = RunFolder(Path(config.output_dir).expanduser().resolve())
     log(INFO, "SmartFed run folder: %s", folder.path)
     folder.write_config(config.to_dict())
@@ -151,18 +160,10 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
         folder.write_metrics([])
         payload = {"quotas": model.quotas()} if hasattr(model, "quotas") else {}
 
-    strategy = SmartFedStrategy(
-        num_clients=config.num_clients,
-        sample_clients=config.sample_clients,
-        seed=config.seed,
-        timeout=config.round_timeout,
-        wire_dtype=config.wire_dtype,
-    )
     strategy.method = method
     strategy.uniform_weights = config.dp != "none"
     trainer = privacy.dp_strategy(strategy, config)  # Flower's DP wrapper around the strategy, or itself
     dp_history = [r["dp"]["noise_multiplier_effective"] for r in rows if r.get("dp")]
-    strategy.discover(grid)
     energy = EnergyMeter(config.energy, folder.path)
     started = time.monotonic()
     bar = tqdm(
