@@ -1,9 +1,10 @@
-"""The program sandbox: limits, timeout, network, file system, output (each run is a short subprocess)."""
+"""The program sandbox: limits, timeout, network, file system, output, escapes (each run is a short subprocess)."""
 
 from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from smartfed.eval.sandbox import SandboxResult, network_isolation, run_python
+from smartfed.eval.sandbox import SandboxResult, network_isolation, run_python, sandbox_isolation
+
+needs_bwrap = pytest.mark.skipif(
+    sandbox_isolation() != "bwrap", reason="bubblewrap (bwrap) is not installed or cannot create namespaces here"
+)
 
 
 @pytest.fixture
@@ -183,3 +188,166 @@ def test_temp_dir_is_removed_however_the_program_ends(tail: str, reason: str | N
     assert not workdir.exists() and not os.path.lexists(workdir)
     if reason is not None:
         assert result.reason == reason
+
+
+# The escapes of issue 15, each really attempted. The first lines switch the audit hook off from
+# inside, as a hostile program can: the hook's function is reachable through the garbage collector.
+_HOOK_OFF = """
+import gc, subprocess, types
+for obj in gc.get_objects():
+    if isinstance(obj, types.FunctionType) and obj.__name__ == "_guard":
+        obj.__code__ = (lambda event, args: None).__code__
+subprocess.run(["true"], check=True)  # a spawn the hook refuses: running it shows the hook is off
+print("HOOK-OFF", flush=True)
+"""
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[list[Path]]:
+    """Writable folders outside any sandbox: one under /tmp (the caller's) and one elsewhere when possible."""
+    folders = [tmp_path]
+    other = None
+    for parent in ("/var/tmp", str(Path.home())):
+        try:
+            other = Path(tempfile.mkdtemp(prefix="smartfed-outside-", dir=parent))
+            break
+        except OSError:
+            continue
+    if other is not None:
+        folders.append(other)
+    try:
+        yield folders
+    finally:
+        if other is not None:
+            for child in other.iterdir():
+                child.unlink()
+            other.rmdir()
+
+
+def _no_files(folders: list[Path]) -> list[Path]:
+    return [f for folder in folders for f in folder.iterdir()]
+
+
+def test_isolation_is_recorded_and_chosen() -> None:
+    assert sandbox_isolation() in {"bwrap", "fallback"}
+    assert run_python("pass").isolation == sandbox_isolation()
+    fallback = run_python("print('x')\n", isolation="fallback")
+    assert fallback.ok and fallback.isolation == "fallback" and fallback.stdout == "x\n"
+    with pytest.raises(ValueError, match="isolation='docker' must be"):
+        run_python("pass", isolation="docker")
+    if sandbox_isolation() == "fallback":
+        with pytest.raises(ValueError, match="bubblewrap is not installed or cannot create namespaces"):
+            run_python("pass", isolation="bwrap")
+
+
+@pytest.mark.parametrize("isolation", ["fallback", pytest.param("bwrap", marks=needs_bwrap)])
+def test_sqlite_outside_the_folder_is_blocked(isolation: str, outside: list[Path]) -> None:
+    inside = run_python(
+        "import sqlite3\nc = sqlite3.connect('db.sqlite')\nc.execute('create table t (x)')\nc.commit()\nprint('ok')\n",
+        isolation=isolation,
+    )
+    assert inside.ok and inside.stdout == "ok\n", inside.stderr
+    for folder in outside:
+        for database in (str(folder / "plain.db"), f"file:{folder / 'uri.db'}?mode=rwc", f"file:{folder}%2Fenc.db"):
+            code = f"import sqlite3\nc = sqlite3.connect({database!r}, uri=True)\nc.execute('create table t (x)')\n"
+            result = run_python(code, isolation=isolation)
+            assert not result.ok and result.reason == "blocked by the sandbox", (database, result.stderr)
+    assert _no_files(outside) == []
+
+
+@needs_bwrap
+def test_switching_the_audit_hook_off_does_not_let_a_program_write_outside(outside: list[Path]) -> None:
+    targets = [folder / "escaped.txt" for folder in outside] + [folder / "escaped.db" for folder in outside]
+    code = _HOOK_OFF + (
+        "import sqlite3\n"
+        f"for path in {[str(t) for t in targets]!r}:\n"
+        "    try:\n"
+        "        if path.endswith('.db'):\n"
+        "            sqlite3.connect(path).execute('create table t (x)')\n"
+        "        else:\n"
+        "            open(path, 'w').write('escaped')\n"
+        "        print('WROTE', path)\n"
+        "    except Exception as err:\n"
+        "        print('refused', type(err).__name__)\n"
+    )
+    result = run_python(code)
+    assert result.isolation == "bwrap" and "HOOK-OFF" in result.stdout, result.stderr  # the hook really was off
+    assert "WROTE" not in result.stdout and result.stdout.count("refused") == len(targets), result.stdout
+    assert _no_files(outside) == []
+
+
+@needs_bwrap
+def test_commands_run_after_the_hook_is_off_stay_inside(outside: list[Path]) -> None:
+    marker = outside[-1] / "command.txt"
+    code = _HOOK_OFF + (
+        f"r = subprocess.run(['sh', '-c', 'echo ran; echo x > {marker}; touch {outside[0] / 'touched'}'],"
+        " capture_output=True, text=True)\n"
+        "print(r.stdout, r.returncode)\n"
+        "print(r.stderr)\n"
+    )
+    result = run_python(code)
+    assert "HOOK-OFF" in result.stdout and "ran" in result.stdout, result.stderr  # the command did run
+    assert not marker.exists() and _no_files(outside) == []
+
+
+def _processes_named(name: str) -> list[int]:
+    """Live (not zombie) processes whose kernel name (comm) is ``name``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            if fields.get("Name", "").strip() == name and not fields.get("State", "").startswith("Z"):
+                found.append(int(entry.name))
+    return found
+
+
+@needs_bwrap
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to look for survivors")
+def test_a_setsid_child_dies_with_the_sandbox(outside: list[Path]) -> None:
+    name = f"sfesc{os.getpid() % 100000}"  # the escaped child renames itself so that /proc finds it
+    markers = [folder / "marker.txt" for folder in outside]
+    code = _HOOK_OFF + (
+        "import ctypes, os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()  # out of the sandbox's process group: a process-group kill misses it\n"
+        "    if os.fork() > 0:\n"
+        "        os._exit(0)  # and orphaned: not even the program's child any more\n"
+        f"    ctypes.CDLL(None).prctl(15, {name.encode()!r}, 0, 0, 0)  # PR_SET_NAME\n"
+        "    os.close(1); os.close(2)\n"
+        "    time.sleep(1.0)\n"
+        f"    for path in {[str(m) for m in markers]!r}:\n"
+        "        try:\n"
+        "            open(path, 'w').write('alive')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.3)  # the grandchild is named and sleeping when the program returns\n"
+        "print('FORKED', flush=True)\n"
+    )
+    result = run_python(code, timeout=5)
+    assert result.ok and "FORKED" in result.stdout, result.stderr
+    deadline = time.monotonic() + 2.5  # past the child's 1 s sleep: it would have written by then
+    while time.monotonic() < deadline:
+        survivors = _processes_named(name)
+        assert survivors == [], f"the setsid child outlived run_python: {survivors}"
+        time.sleep(0.25)
+    assert not any(m.exists() for m in markers)
+
+
+@needs_bwrap
+def test_bwrap_view_is_read_only_private_and_alone() -> None:
+    code = (
+        "import os\n"
+        "here = os.getcwd()\n"
+        "print([n for n in os.listdir('/tmp') if not here.startswith(os.path.join('/tmp', n))] == [])\n"
+        "print(len([p for p in os.listdir('/proc') if p.isdigit()]) <= 3)\n"
+        "open('mine.txt', 'w').write('x')\n"
+        "print(os.path.getsize('mine.txt'))\n"
+    )
+    result = run_python(code)
+    assert result.ok and result.stdout.split() == ["True", "True", "1"], (result.stdout, result.stderr)

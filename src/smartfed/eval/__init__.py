@@ -23,7 +23,7 @@ from .programs import (  # appended: real-dataset metrics
     per_example_scores,
     score_records,
 )
-from .sandbox import SandboxResult, network_isolation, run_python
+from .sandbox import SandboxResult, network_isolation, run_python, sandbox_isolation
 
 __all__ += [
     "ANSWER_METRICS",
@@ -35,5 +35,6 @@ __all__ += [
     "pass_at_1_mbpp",
     "per_example_scores",
     "run_python",
+    "sandbox_isolation",
     "score_records",
 ]

@@ -1,22 +1,50 @@
 """Run untrusted Python (model-written programs, benchmark tests) in a separate, limited process.
 
 ``run_python(code)`` never runs ``code`` in this interpreter. It starts the same
-Python (``sys.executable``) as a child process and returns a ``SandboxResult``.
-The protections, from the strongest to the weakest:
+Python (``sys.executable``) as a child process and returns a ``SandboxResult``
+whose ``isolation`` says which of the two isolations below held it.
 
-* **A network namespace** (``unshare -n``, or ``unshare -r -n`` through a user
-  namespace when plain ``unshare -n`` is not permitted): the child has no network
-  interface but a loopback that is down, so even ``127.0.0.1`` is unreachable,
-  whatever the code does (ctypes included). Used when the ``unshare`` program is
-  there and a probe run of it works (``network_isolation()`` says which applies).
-* **An audit hook** (PEP 578) installed by a guard prologue before the code runs;
-  Python code cannot remove it. It refuses every ``socket.*`` event (creating,
-  connecting, binding a socket, resolving a name), every process spawn
-  (``os.system``, ``subprocess.Popen``, ``os.exec*``, ``os.fork``, ``os.posix_spawn``),
-  ``resource.setrlimit``/``prlimit`` (a root child could raise its own limits
-  again), and every file write, rename, removal or mode change outside the
-  sandbox folder (``/dev/null`` excepted). Native code (ctypes, C extensions)
-  can get around an audit hook; the namespace and the limits below cannot be.
+**bubblewrap** (``isolation="bwrap"``), used wherever ``bwrap`` is installed and
+a probe run of it can create its namespaces (checked once per process,
+``sandbox_isolation()``). The program runs in new user, PID, network, IPC, UTS,
+mount and cgroup namespaces (``--unshare-all``) with every capability dropped
+(``--cap-drop ALL``, and bubblewrap sets ``no_new_privs``):
+
+* the whole file system is mounted **read-only** except the program's own
+  folder (bound read-write); ``/tmp`` is an empty private tmpfs, ``/dev`` a
+  minimal private one and ``/proc`` the new PID namespace's. Nothing the
+  program does from inside (native code, ``sqlite3``, a subprocess, an audit
+  hook switched off through ``gc``) can write outside its folder;
+* the program's process tree lives in its own **PID namespace**: when the
+  program exits, is killed at the timeout, or ``run_python``'s process dies
+  (``--die-with-parent``), the kernel kills every process left in it, including
+  children that called ``setsid`` or double-forked;
+* no network but a private loopback (``--share-net`` when
+  ``network_namespace=False``); a new session (``--new-session``), so it cannot
+  push input into the caller's terminal.
+
+**The fallback** (``isolation="fallback"``), where bubblewrap is missing or its
+namespaces cannot be created (some containers): the layers below, which hold
+against ordinary mistakes, but the audit hook can be switched off from inside
+and a child that calls ``setsid`` escapes the process-group kill.
+
+In both cases, from the strongest to the weakest:
+
+* **A network namespace** (fallback: ``unshare -n``, or ``unshare -r -n``
+  through a user namespace when plain ``unshare -n`` is not permitted): the
+  child has no network interface but a loopback that is down, so even
+  ``127.0.0.1`` of the caller is unreachable, whatever the code does (ctypes
+  included). ``network_isolation()`` says which applies.
+* **An audit hook** (PEP 578) installed by a guard prologue before the code runs.
+  It refuses every ``socket.*`` event (creating, connecting, binding a socket,
+  resolving a name), every process spawn (``os.system``, ``subprocess.Popen``,
+  ``os.exec*``, ``os.fork``, ``os.posix_spawn``), ``resource.setrlimit``/``prlimit``
+  (a root child could raise its own limits again), ``sqlite3.connect`` to a file
+  outside the folder, and every file write, rename, removal or mode change
+  outside the sandbox folder (``/dev/null`` excepted). It is Python-level state:
+  the program can reach it (``gc``) and switch it off, and native code bypasses
+  it; it is the only file-system guard of the fallback, and gives clear
+  ``PermissionError: sandbox: ...`` messages under bubblewrap.
 * **Resource limits** set in ``preexec_fn``: ``RLIMIT_AS`` (``memory_mb``),
   ``RLIMIT_CPU`` (the timeout rounded up, plus one second), ``RLIMIT_FSIZE``
   (``file_mb``), ``RLIMIT_CORE`` 0, and ``RLIMIT_NPROC`` (this user's current
@@ -26,16 +54,16 @@ The protections, from the strongest to the weakest:
   ``TMPDIR``, removed afterwards, and a minimal environment.
 * **A wall-clock timeout**: the child leads its own process group (a new
   session), and the whole group is killed (``SIGKILL``) on timeout and after
-  every run, so nothing it started outlives it.
+  every run (under bubblewrap this takes the PID namespace with it).
 * **Isolated interpreter flags** ``-I -S -B``: no ``PYTHON*`` variables, no user
   site-packages, no ``site`` module (so no ``sitecustomize``/``usercustomize``
   and no ``.pth`` hooks; the parent's site-packages folders are put on
   ``sys.path`` by hand so that installed packages still import), no ``.pyc``
   writes.
 
-What is **not** isolated: the file system can still be read with the rights of
-the user running this process. For hostile code, run the whole evaluation in a
-container or VM on top of this.
+What is **not** isolated: the file system can still be *read* with the rights
+of the user running this process (under bubblewrap too: the view is read-only,
+not hidden). For secrets on the machine, run the evaluation in a container or VM.
 """
 
 from __future__ import annotations
@@ -82,6 +110,7 @@ _fs_one = frozenset({
 _fs_two = frozenset({"os.rename", "os.link", "os.symlink"})
 _write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _realpath, _fspath, _sep, _startswith = os.path.realpath, os.fsdecode, os.sep, str.startswith
+from urllib.parse import unquote as _unquote
 
 
 def _inside(path):
@@ -113,6 +142,16 @@ def _guard(event, args):
         for path in paths:
             if path is not None and not _inside(path):
                 raise PermissionError(f"sandbox: {event} on {path!r} outside the sandbox folder is blocked")
+    elif event == "sqlite3.connect":
+        database = _fspath(args[0]) if args and args[0] is not None else ""
+        if _startswith(database, "file:"):  # a URI: drop the authority and the query, decode %XX as sqlite does
+            database = database[5:].split("?", 1)[0].split("#", 1)[0]
+            if _startswith(database, "//"):
+                database = database[2:]
+                database = database[database.find("/"):] if "/" in database else ""
+            database = _unquote(database)
+        if database not in ("", ":memory:") and not _inside(database):
+            raise PermissionError(f"sandbox: sqlite3 database {database!r} outside the sandbox folder is blocked")
 
 
 sys.addaudithook(_guard)
@@ -140,6 +179,9 @@ class SandboxResult:
             ``"blocked by the sandbox"`` (a PermissionError from the guard),
             ``"exit status N"``, or ``"could not start: ..."``.
         truncated: stdout or stderr was cut.
+        isolation: ``"bwrap"`` (bubblewrap's namespaces and read-only file system)
+            or ``"fallback"`` (audit hook, process group, rlimits, ``unshare -n``):
+            see the module docstring.
     """
 
     ok: bool
@@ -149,6 +191,7 @@ class SandboxResult:
     timed_out: bool
     reason: str
     truncated: bool = False
+    isolation: str = ""
 
 
 @lru_cache(maxsize=1)
@@ -174,13 +217,58 @@ def _netns_prefix() -> tuple[str, ...]:
     return ()
 
 
+def _bwrap_argv(bwrap: str, workdir: str, *, share_net: bool) -> list[str]:
+    """bubblewrap's command prefix for a program whose folder is ``workdir`` (see the module docstring)."""
+    argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # the private /tmp must not hide this Python or its packages (a virtualenv under /tmp)
+    tmp = os.path.realpath("/tmp")
+    for path in dict.fromkeys([sys.prefix, sys.base_prefix, *_site_paths()]):
+        real = os.path.realpath(path)
+        if real == tmp or real.startswith(tmp + os.sep):
+            argv += ["--ro-bind", real, real]
+    argv += ["--bind", workdir, workdir, "--chdir", workdir, "--unshare-all"]
+    if share_net:
+        argv.append("--share-net")
+    # --cap-drop ALL matters when the caller is root: the sandbox's root then holds no capability
+    return [*argv, "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--"]
+
+
+@lru_cache(maxsize=1)
+def _bwrap() -> str | None:
+    """The bwrap program when it is installed and a probe run of it works here, else None (checked once)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None
+    probe_dir = tempfile.mkdtemp(prefix="smartfed-sandbox-probe-")
+    try:
+        # the probe writes in its folder, as a program does: a bind that silently fails shows here
+        argv = [*_bwrap_argv(bwrap, probe_dir, share_net=False), sys.executable, "-I", "-S", "-c", "open('ok', 'w')"]
+        probe = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False, cwd=probe_dir
+        )
+        works = probe.returncode == 0 and os.path.isfile(os.path.join(probe_dir, "ok"))
+    except (OSError, subprocess.SubprocessError):
+        works = False
+    finally:
+        _remove_tree(probe_dir)
+    return bwrap if works else None
+
+
+def sandbox_isolation() -> str:
+    """Which isolation ``run_python`` uses here by default: ``"bwrap"`` or ``"fallback"``."""
+    return "bwrap" if _bwrap() else "fallback"
+
+
 def network_isolation() -> str:
     """Which network protection ``run_python`` applies here.
 
-    ``"netns"`` (``unshare -n``), ``"netns+userns"`` (``unshare -r -n``), or
-    ``"audit-hook"`` (no namespace available: the guard's audit hook alone). The
-    audit hook is installed in every case.
+    ``"bwrap"`` (bubblewrap's network namespace), ``"netns"`` (``unshare -n``),
+    ``"netns+userns"`` (``unshare -r -n``), or ``"audit-hook"`` (no namespace
+    available: the guard's audit hook alone). The audit hook is installed in
+    every case.
     """
+    if _bwrap():
+        return "bwrap"
     prefix = _netns_prefix()
     if not prefix:
         return "audit-hook"
@@ -263,6 +351,13 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def _bwrap_returncode(returncode: int) -> int:
+    """bubblewrap exits with 128 + N when the program died of signal N: give it back as -N, as Popen does."""
+    if 128 < returncode < 128 + signal.NSIG:
+        return -(returncode - 128)
+    return returncode
+
+
 def _reason(returncode: int, stderr: str) -> str:
     if returncode == 0:
         return ""
@@ -314,6 +409,7 @@ def run_python(
     max_output: int = 10_000,
     file_mb: int = 16,
     network_namespace: bool = True,
+    isolation: str = "auto",
 ) -> SandboxResult:
     """Run ``code`` as a Python program in a separate, limited process (see the module docstring).
 
@@ -326,18 +422,30 @@ def run_python(
         max_output: characters kept of stdout and of stderr each (the rest is
             read and dropped, so a chatty program never blocks on a full pipe).
         file_mb: the largest file the program may write (``RLIMIT_FSIZE``), MiB.
-        network_namespace: use ``unshare -n`` where it works (see
-            ``network_isolation()``); False leaves only the audit hook.
+        network_namespace: a network namespace (bubblewrap's, or ``unshare -n``
+            in the fallback; see ``network_isolation()``); False leaves only the
+            audit hook guarding the network.
+        isolation: ``"auto"`` (bubblewrap where it works, else the fallback),
+            ``"bwrap"`` (an error where it does not work) or ``"fallback"``.
 
     Returns:
         A ``SandboxResult``; a program that fails, times out or is killed gives
         ``ok=False`` with a ``reason``, never an exception.
 
     Raises:
-        ValueError: ``code`` is not a string, or a limit is not positive.
+        ValueError: ``code`` is not a string, a limit is not positive, or
+            ``isolation`` is unknown or ``"bwrap"`` where bubblewrap does not work.
     """
     if not isinstance(code, str):
         raise ValueError(f"run_python: code must be a string, got {type(code).__name__}")
+    if isolation not in ("auto", "bwrap", "fallback"):
+        raise ValueError(f"run_python: isolation={isolation!r} must be 'auto', 'bwrap' or 'fallback'")
+    bwrap = _bwrap() if isolation in ("auto", "bwrap") else None
+    if isolation == "bwrap" and bwrap is None:
+        raise ValueError(
+            "run_python: isolation='bwrap' but bubblewrap is not installed or cannot create namespaces here"
+        )
+    used = "bwrap" if bwrap else "fallback"
     _check_positive("timeout", timeout, (int, float))
     _check_positive("memory_mb", memory_mb)
     _check_positive("max_output", max_output)
@@ -348,7 +456,9 @@ def run_python(
             handle.write(code)
         prologue = _PROLOGUE.replace("__SITE_PATHS__", repr(_site_paths())).replace("__MAIN__", repr(_MAIN_FILE))
         argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", prologue]
-        if network_namespace:
+        if bwrap:
+            argv = [*_bwrap_argv(bwrap, workdir, share_net=not network_namespace), *argv]
+        elif network_namespace:
             argv = [*_netns_prefix(), *argv]
         env = {
             "PATH": "/usr/bin:/bin",
@@ -373,7 +483,7 @@ def run_python(
                 close_fds=True,
             )
         except OSError as err:
-            return SandboxResult(False, None, "", "", False, f"could not start: {err}")
+            return SandboxResult(False, None, "", "", False, f"could not start: {err}", isolation=used)
         limit_bytes = 4 * max_output + 4  # UTF-8: at most 4 bytes a character
         out, err_ = _Capped(process.stdout, limit_bytes), _Capped(process.stderr, limit_bytes)
         timed_out = False
@@ -393,6 +503,8 @@ def run_python(
         stdout, cut_out = out.text(max_output)
         stderr, cut_err = err_.text(max_output)
         returncode = process.returncode
+        if bwrap and returncode is not None:
+            returncode = _bwrap_returncode(returncode)
         reason = "timeout" if timed_out else _reason(returncode, stderr)
         return SandboxResult(
             ok=not timed_out and returncode == 0,
@@ -402,6 +514,7 @@ def run_python(
             timed_out=timed_out,
             reason=reason,
             truncated=cut_out or cut_err,
+            isolation=used,
         )
     finally:
         _remove_tree(workdir)

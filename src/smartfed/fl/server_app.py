@@ -145,12 +145,23 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress:
     empty folder, a resume the folder's own settings and adapters; the lock is re-entrant, so
     ``run_simulation`` and the CLI, which take it before Flower starts, keep holding it.
     """
+    strategy = SmartFedStrategy(
+        num_clients=config.num_clients,
+        sample_clients=config.sample_clients,
+        seed=config.seed,
+        timeout=config.round_timeout,
+        wire_dtype=config.wire_dtype,
+    )
+    # before the run folder is touched: a federation with too few nodes fails (bounded wait) leaving nothing
+    strategy.discover(grid)
     folder = RunFolder(Path(config.output_dir).expanduser().resolve())
     with folder.open_run(config, resume=resume):
-        return _serve(grid, config, folder, resume=resume, progress=progress)
+        return _serve(grid, config, folder, strategy, resume=resume, progress=progress)
 
 
-def _serve(grid: Grid, config: RunConfig, folder: RunFolder, *, resume: bool, progress: bool) -> dict[str, Any]:
+def _serve(
+    grid: Grid, config: RunConfig, folder: RunFolder, strategy: SmartFedStrategy, *, resume: bool, progress: bool
+) -> dict[str, Any]:
     runtime = get_runtime(config)
     method, model = runtime.method, runtime.model
     if resume:  # the adapters' weights, now that they are loaded: changed in place is another pool
@@ -163,18 +174,10 @@ def _serve(grid: Grid, config: RunConfig, folder: RunFolder, *, resume: bool, pr
         folder.write_metrics([])
         payload = {"quotas": model.quotas()} if hasattr(model, "quotas") else {}
 
-    strategy = SmartFedStrategy(
-        num_clients=config.num_clients,
-        sample_clients=config.sample_clients,
-        seed=config.seed,
-        timeout=config.round_timeout,
-        wire_dtype=config.wire_dtype,
-    )
     strategy.method = method
     strategy.uniform_weights = config.dp != "none"
     trainer = privacy.dp_strategy(strategy, config)  # Flower's DP wrapper around the strategy, or itself
     dp_history = [r["dp"]["noise_multiplier_effective"] for r in rows if r.get("dp")]
-    strategy.discover(grid)
     energy = EnergyMeter(config.energy, folder.path)
     started = time.monotonic()
     bar = tqdm(

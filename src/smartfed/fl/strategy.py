@@ -14,13 +14,16 @@ malformed replies become (partition, node, reason) records for metrics.jsonl.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
 from collections.abc import Iterable, Mapping
+from logging import WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -61,6 +64,39 @@ def _last_exception(reason: str) -> str:
     return " ".join(text.split())[:300]
 
 
+NODE_WAIT_SECONDS = 600.0
+"""The longest wait for ``num_clients`` nodes in all (deployment SuperNodes may start late)."""
+NODE_STALL_SECONDS = 60.0
+"""Fewer than ``num_clients`` nodes and no new one for this long: the federation is too small."""
+NODE_STALL_ENV = "SMARTFED_NODE_WAIT"
+NODE_LOG_SECONDS = 10.0
+
+
+def node_stall_seconds() -> float:
+    """``$SMARTFED_NODE_WAIT`` (seconds, positive) or ``NODE_STALL_SECONDS``."""
+    raw = os.environ.get(NODE_STALL_ENV, "")
+    if not raw:
+        return NODE_STALL_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{NODE_STALL_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def too_few_nodes(connected: int, num_clients: int, waited: float) -> str:
+    """The one-line error of a federation with fewer nodes than clients, naming what to change."""
+    return (
+        f"only {connected} of num-clients={num_clients} nodes connected after {waited:.0f} s (one node per client): "
+        f'with `flwr run .` give the local simulation more SuperNodes (--federation-config "num-supernodes='
+        f'{num_clients}"; Flower\'s default is 2) or fewer clients (--run-config "num-clients={connected}"); '
+        f"on the deployment engine start {num_clients} SuperNodes (scripts/deploy_local.sh {num_clients}); "
+        f"{NODE_STALL_ENV} sets how long to wait for a new node"
+    )
+
+
 def _scalar(metrics: MetricRecord, key: str) -> object:
     value = metrics.get(key)
     return value if isinstance(value, (int, float)) else None
@@ -97,13 +133,35 @@ class SmartFedStrategy(FedAvg):
         self.merged_extras: dict[str, torch.Tensor] = {}
         self.updates: list[ClientUpdate] = []
 
-    def discover(self, grid: Grid, *, wait_seconds: float = 600.0) -> dict[int, int]:
-        """Wait for ``num_clients`` nodes, then learn each node's partition id."""
-        deadline = time.monotonic() + wait_seconds
-        while len(list(grid.get_node_ids())) < self.num_clients:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {self.num_clients} clients connected")
-            time.sleep(0.5)
+    def discover(
+        self,
+        grid: Grid,
+        *,
+        wait_seconds: float = NODE_WAIT_SECONDS,
+        stall_seconds: float | None = None,
+        poll_seconds: float = 0.5,
+    ) -> dict[int, int]:
+        """Wait for ``num_clients`` nodes, then learn each node's partition id.
+
+        Fails (``TimeoutError``, one line naming the settings to change) when no new
+        node has connected for ``stall_seconds`` (default: ``$SMARTFED_NODE_WAIT`` or
+        ``NODE_STALL_SECONDS``) while fewer than ``num_clients`` are there, or after
+        ``wait_seconds`` in all: a federation with too few SuperNodes (``flwr run .``'s
+        local simulation has 2 unless told otherwise) never waits in silence.
+        """
+        stall = node_stall_seconds() if stall_seconds is None else stall_seconds
+        start = time.monotonic()
+        count, changed, said = len(list(grid.get_node_ids())), start, start
+        while count < self.num_clients:
+            now = time.monotonic()
+            if now - changed >= stall or now - start >= wait_seconds:
+                raise TimeoutError(too_few_nodes(count, self.num_clients, now - start))
+            if now - said >= NODE_LOG_SECONDS:  # say what it waits for, not a silent hang
+                log(WARNING, "waiting for nodes: %d of num-clients=%d connected", count, self.num_clients)
+                said = now
+            time.sleep(poll_seconds)
+            if (now_count := len(list(grid.get_node_ids()))) != count:
+                count, changed = now_count, time.monotonic()
         queries = [
             Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
             for node in grid.get_node_ids()
@@ -115,7 +173,11 @@ class SmartFedStrategy(FedAvg):
             pid = int(reply.content[keys.METRICS][keys.PARTITION_ID])
             node = reply.metadata.src_node_id
             if not 0 <= pid < self.num_clients:
-                raise ValueError(f"node {node} holds partition-id={pid}, outside [0, {self.num_clients}) (num-clients)")
+                raise ValueError(
+                    f"node {node} holds partition-id={pid}, outside [0, {self.num_clients}) (num-clients); with "
+                    f'`flwr run .` give as many SuperNodes as clients: --federation-config "num-supernodes='
+                    f'{self.num_clients}"'
+                )
             if pid in self.node_of_partition:
                 raise ValueError(f"partition-id={pid} is claimed by nodes {self.node_of_partition[pid]} and {node}")
             self.node_of_partition[pid] = node
