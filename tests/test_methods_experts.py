@@ -263,8 +263,10 @@ def test_module_level_router_keeps_k_adapters_and_respects_budgets(pool_and_inpu
         torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     method.prepare_round(model, {}, {}, LocalTrainConfig(1e-2, budget=0.5))
     assert {r.top_k for r in method.gates(model).values()} == {1}
-    with pytest.raises(ValueError, match="router='rank'"):
-        get_method_class("smartfed_module")(_config(method="smartfed_module", router="rank"))
+    # whole adapters have no rank space: --router rank (the default) still gives linear routers over the input
+    ranked = get_method_class("smartfed_module")(_config(method="smartfed_module", router="rank"))
+    ranked_state = ranked.get_state(ranked.build(tiny_llama(), pool, torch.Generator().manual_seed(0)))
+    assert {tuple(v.shape) for k, v in ranked_state.items() if k.endswith("weight")} == {(2, 32)}
 
 
 @pytest.mark.parametrize(

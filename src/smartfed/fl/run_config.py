@@ -46,7 +46,13 @@ class RunConfig:
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     topk_experts: int = field(default=32, metadata={"help": "Experts kept per token per matrix (K)."})
-    router: RouterType = field(default="linear", metadata={"help": "MoRE router: 'linear' or 'rank'."})
+    router: RouterType = field(
+        default="rank",
+        metadata={
+            "help": "MoRE router: 'rank' (W_r (M, M) on the experts' own A x: < 0.1 % of the model, the paper's "
+            "light router) or 'linear' (W_r (M, d_in) on the layer input, as large as a LoRA's A)."
+        },
+    )
     gate: GateType = field(default="scaled_softmax", metadata={"help": "MoRE gate function."})
     rank_input: RankInput = field(
         default="matched",

@@ -65,17 +65,14 @@ class SmartFedModule(GatedAdapterMethod):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
-        if config.router != "linear":
-            raise ValueError(
-                f"smartfed_module: router={config.router!r} is not supported; module-level experts have no "
-                "rank space, use --router linear"
-            )
 
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> nn.Module:
         if pool is None:
             raise ValueError("method 'smartfed_module' needs --lora_pool")
         freeze(model)
         c = self.config
+        # Whole adapters have no shared rank space for a rank router to read: always a linear router
+        # over the layer input, whatever --router says (it applies to the rank-wise methods).
         config = MoreConfig(
             top_k=None,
             router="linear",
