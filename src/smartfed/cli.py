@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from .errors import ANTICIPATED, one_line
+
+# pretty_exceptions_show_locals=False: a traceback (a bug, or --debug) never prints the frames'
+# local variables, so a config, a token or a prompt never ends up in a log.
 app = typer.Typer(
     help="SmartFed: federated routing of rank-one experts from existing LoRA adapters.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
-pool_app = typer.Typer(help="Inspect LoRA pools.", no_args_is_help=True)
+pool_app = typer.Typer(help="Inspect LoRA pools.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(pool_app, name="pool")
-zoo_app = typer.Typer(help="The example LoRA pool of the default benchmark.", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="The example LoRA pool of the default benchmark.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
 app.add_typer(zoo_app, name="zoo")
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """An anticipated error raised anywhere in ``command`` (inside Flower's ServerApp too): ``error: …``, exit 2.
+
+    ``--debug`` (the command's ``debug`` argument) re-raises it with its traceback.
+    """
+
+    @functools.wraps(command)  # keeps the signature (and a set __signature__) typer reads the options from
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ANTICIPATED as err:
+            _error_exit(err, bool(kwargs.get("debug", False)))
+
+    return wrapper
 
 
 def _demo(
@@ -58,6 +84,7 @@ def _demo_signature() -> inspect.Signature:
 
 
 @pool_app.command("inspect")
+@_one_line_errors
 def pool_inspect(
     sources: Annotated[list[str], typer.Argument(help="PEFT adapter folders or Hub ids.")],
 ) -> None:
@@ -69,7 +96,7 @@ def pool_inspect(
         pool = LoraPool.load(sources)
     except (FileNotFoundError, ValueError) as err:
         _error_exit(err)
-    table = Table(title=repr(pool))
+    table = Table(title=escape(repr(pool)))  # "[math(r=4), ...]" would otherwise be read as rich markup
     for column in ("adapter", "rank", "alpha", "rsLoRA", "matrices", "base model", "sha256"):
         table.add_column(column)
     for a in pool.adapters:
@@ -91,7 +118,7 @@ def _error_exit(err: BaseException | str, debug: bool = False) -> NoReturn:
     """``error: <message>`` on one unwrapped stderr line, exit code 2."""
     if debug and isinstance(err, BaseException):
         raise err
-    message = " ".join(str(err).split())
+    message = one_line(err) if isinstance(err, BaseException) else " ".join(err.split())
     typer.echo(typer.style("error:", fg="red") + " " + message, err=True)
     raise typer.Exit(2)
 
@@ -177,7 +204,7 @@ _run.__signature__ = inspect.signature(_run, eval_str=True).replace(  # type: ig
     ]
     + _run_options()
 )
-app.command("run")(_run)
+app.command("run")(_one_line_errors(_run))
 
 
 def _dataclass_options(cls: type) -> list[inspect.Parameter]:
@@ -231,11 +258,12 @@ def _zoo_signature() -> inspect.Signature:
 
 _zoo_build.__signature__ = _zoo_signature()  # type: ignore[attr-defined]
 _demo.__signature__ = _demo_signature()  # type: ignore[attr-defined]
-app.command("demo")(_demo)
-zoo_app.command("build")(_zoo_build)
+app.command("demo")(_one_line_errors(_demo))
+zoo_app.command("build")(_one_line_errors(_zoo_build))
 
 
 @zoo_app.command("list")
+@_one_line_errors
 def zoo_list(folder: Annotated[Optional[Path], typer.Argument(help="Zoo folder.")] = None) -> None:
     """The adapters of the zoo with their manifest scores."""
     from .zoo import read_manifest
@@ -306,10 +334,11 @@ _compare.__signature__ = _compare_own.replace(  # type: ignore[attr-defined]
     parameters=[p for p in _compare_own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     + [p for p in _run_options() if p.name != "method"]  # --methods replaces --method
 )
-app.command("compare")(_compare)
+app.command("compare")(_one_line_errors(_compare))
 
 
 @app.command("report")
+@_one_line_errors
 def report_command(
     dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders holding run folders (searched).")],
     target: Annotated[
@@ -365,6 +394,7 @@ def _load_run(run_dir: Path, round_: int | None, pool: str | None, debug: bool):
 
 
 @app.command("generate")
+@_one_line_errors
 def generate_command(
     run_dir: RunDirArg,
     prompt: Annotated[
@@ -382,8 +412,13 @@ def generate_command(
 
     from .data.collate import encode_prompt, pad_token_id
 
+    if not prompt.strip():  # checked before the model loads: nothing to answer
+        raise ValueError("--prompt is empty: give the text to answer")
     model, tokenizer = _load_run(run_dir, round_, pool, debug)
-    input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long)
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ValueError(f"--prompt {prompt[:40]!r} encodes to no tokens with the run's tokenizer")
+    input_ids = torch.tensor([ids], dtype=torch.long)
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
@@ -418,6 +453,7 @@ def _task_folder_name(task: str) -> str:
 
 
 @app.command("eval")
+@_one_line_errors
 def eval_command(
     run_dir: RunDirArg,
     task: Annotated[
@@ -479,6 +515,7 @@ def eval_command(
 
 
 @app.command("export")
+@_one_line_errors
 def export_command(
     run_dir: RunDirArg,
     output: Annotated[Path, typer.Option("--output", help="Folder to write the adapter to.", show_default=False)],

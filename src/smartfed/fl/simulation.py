@@ -11,7 +11,10 @@ from .server_app import make_server_app
 
 
 def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = True, verbose: bool = False) -> None:
-    """Simulate ``config.num_clients`` clients with Flower; writes ``config.output_dir``."""
+    """Simulate ``config.num_clients`` clients with Flower; writes ``config.output_dir``.
+
+    Raises the ServerApp's exception itself (``RunFailed`` when the run trained nothing).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -30,10 +33,18 @@ def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = 
         "client_resources": {"num_cpus": max(config.client_threads, 1), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
-    flwr_run_simulation(
-        server_app=make_server_app(config, resume=resume, progress=progress),
-        client_app=make_client_app(config),
-        num_supernodes=config.num_clients,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    errors: list[BaseException] = []
+    try:
+        flwr_run_simulation(
+            server_app=make_server_app(config, resume=resume, progress=progress, errors=errors),
+            client_app=make_client_app(config),
+            num_supernodes=config.num_clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    except Exception:
+        if errors:  # the ServerApp's own error, not the engine's wrapper around it ("Ending simulation")
+            raise errors[0]  # noqa: B904 (its own cause and traceback stay)
+        raise
+    if errors:  # an engine that only logs the ServerApp's error must not make the run look finished
+        raise errors[0]
