@@ -346,20 +346,19 @@ def report_command(
     ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", help="Folder for comparison.md and plots (default: the runs' common folder)."),
+        typer.Option(
+            "--output",
+            help="Folder for comparison.md and plots (default: the runs' common folder, when they share a run tree).",
+        ),
     ] = None,
     no_plots: Annotated[bool, typer.Option("--no_plots", help="Only the table, no PNG plots.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Rebuild comparison.md (mean ± std over seeds per method) and the plots from finished run folders."""
-    import os
+    from .report import default_output, write_report
 
-    from .report import is_run_folder, write_report
-
-    if output is None:
-        common = Path(os.path.commonpath([d.resolve() for d in dirs]))
-        output = common.parent if is_run_folder(common) else common
     try:
+        output = output if output is not None else default_output(dirs)
         report = write_report(dirs, output, target=target, plots=not no_plots)
     except (ValueError, OSError) as err:
         _error_exit(err, debug)

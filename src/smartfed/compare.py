@@ -10,6 +10,7 @@ comparison continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -83,6 +84,7 @@ def compare(
 
     ``on_run(config, reused)`` is called before each run (for progress lines).
     """
+    from .errors import RunFailed
     from .fl.simulation import run_simulation
 
     configs = plan(base, methods, seeds, out)
@@ -91,5 +93,7 @@ def compare(
         if on_run is not None:
             on_run(config, reused)
         if not reused:
-            run_simulation(config, progress=progress, verbose=verbose)
+            # a run that trained nothing: its summary.json says why and the report lists it; go on
+            with contextlib.suppress(RunFailed):
+                run_simulation(config, progress=progress, verbose=verbose)
     return write_report([c.output_dir for c in configs], out, target=target)
