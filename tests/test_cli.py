@@ -100,10 +100,14 @@ def test_method_options_that_cannot_train_are_refused():
         (["--learning_rate", "inf"], "learning_rate=inf"),
         (["--max_length", "1"], "--max_length >= 2"),
         (["--method", "nosuch"], "unknown method 'nosuch'"),
+        (["--method", "merge", "--method_options", "nosuch=1"], "--method_options for 'merge': bad item 'nosuch=1'"),
+        # the paper's default K = 32 on a pool of two rank-4 adapters (8 experts per matrix)
+        ([], "--topk_experts 32 exceeds the pool's expert count: matrix 'model.layers.0.self_attn.q_proj' has 8"),
+        (["--topk_experts", "9"], "use --topk_experts <= 8"),
     ],
 )
-def test_run_refuses_them_in_one_line_before_flower_starts(two_adapters, tmp_path, flags, needle):
-    args = ["run", "--model_name_or_path", str(tmp_path), "--lora_pool", ",".join(map(str, two_adapters))]
+def test_run_refuses_them_in_one_line_before_flower_starts(run_assets, tmp_path, flags, needle):
+    args = ["run", "--model_name_or_path", run_assets["model"], "--lora_pool", run_assets["pool"], "--num_train", "8"]
     result = CliRunner().invoke(app, [*args, "--output_dir", str(tmp_path / "run"), *flags])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()

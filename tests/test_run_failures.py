@@ -89,13 +89,21 @@ def test_smartfed_run_that_trains_nothing_exits_2_with_the_reason(run_assets, tm
 
 
 @pytest.mark.slow
-def test_an_error_inside_flowers_server_app_is_one_line_exit_2(run_assets, tmp_path):
-    # the method parses its options in the ServerApp, in Flower's thread, after the federation started
-    args = _run_args(run_assets, tmp_path / "run", "--method_options", "nosuch=1", method="merge")
-    result = CliRunner().invoke(app, args)
+def test_an_error_inside_flowers_server_app_is_one_line_exit_2(run_assets, tmp_path, monkeypatch):
+    import smartfed.fl.server_app as server_app
+
+    def disk_full(config):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "config.json"))
+
+    # the ServerApp runs in a thread of this process (the clients in Ray's workers): a full disk
+    # there, after the federation started
+    monkeypatch.setattr(server_app, "get_runtime", disk_full)
+    result = CliRunner().invoke(app, _run_args(run_assets, tmp_path / "run"))
     assert result.exit_code == 2, (result.output, result.exception)
     line = _one_error_line(result.output)
-    assert "--method_options for 'merge': bad item 'nosuch=1'" in line
+    assert line == f"error: [Errno 28] No space left on device: '{tmp_path / 'run' / 'config.json'}'"
+    debug = CliRunner().invoke(app, [*_run_args(run_assets, tmp_path / "run2"), "--debug"])
+    assert isinstance(debug.exception, OSError) and debug.exception.errno == 28  # --debug: the exception itself
 
 
 def test_run_failed_is_an_anticipated_error():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -175,13 +175,19 @@ def _run(
     Console().print(f"run folder: {run_config.output_dir}  (summary: {summary})")
 
 
-def _check_paths(config) -> None:
-    """Fail before starting Flower when a local path the run needs is missing."""
+def _check_paths(config, methods: Sequence[str] = ()) -> None:
+    """Fail before starting Flower when a local path the run needs is missing, or the method cannot use it.
+
+    ``methods``: the methods that will run (default: ``config.method``); each parses its
+    ``--method_options`` and checks the pool (e.g. SmartFed's ``--topk_experts``) here.
+    """
+    from .methods import get_method_class, load_builtin_methods
     from .more import LoraPool
     from .zoo import resolve_pool
 
-    if config.lora_pool:
-        LoraPool.load(resolve_pool(config.lora_pool))  # names the missing or broken adapter
+    load_builtin_methods()
+    runners = [get_method_class(name)(config) for name in methods or [config.method]]
+    pool = LoraPool.load(resolve_pool(config.lora_pool)) if config.lora_pool else None  # names a broken adapter
     model = Path(config.model_name_or_path).expanduser()
     if config.model_name_or_path.startswith((".", "/", "~")) and not model.exists():
         raise FileNotFoundError(f"--model_name_or_path {config.model_name_or_path}: no such folder")
@@ -196,6 +202,8 @@ def _check_paths(config) -> None:
     from .data import load_task
 
     load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)  # bad data files
+    for runner in runners if pool is not None else []:  # last: the paths' own errors come first
+        runner.check_pool(pool)
 
 
 _run.__signature__ = inspect.signature(_run, eval_str=True).replace(  # type: ignore[attr-defined]
@@ -312,7 +320,7 @@ def _compare(
         names = parse_methods(methods)
         seed_values = seed_list(base.seed, seeds)
         base.require_sources()
-        _check_paths(base)
+        _check_paths(base, names)
     except (ValueError, OSError) as err:
         _error_exit(err, debug)
     total = len(names) * len(seed_values)

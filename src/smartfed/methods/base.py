@@ -99,6 +99,9 @@ class Method(ABC):
     summary: ClassVar[str]
     uses_pool: ClassVar[bool] = True  # False: the method trains from scratch and needs no --lora_pool
 
+    def check_pool(self, pool: LoraPool) -> None:  # noqa: B027 (most methods take any pool)
+        """Refuse a pool this method cannot use; ``smartfed run`` calls it before Flower starts."""
+
     @abstractmethod
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> nn.Module:
         """Wrap the frozen base ``model`` into the trainable client model."""

@@ -52,9 +52,22 @@ class SmartFed(Method):
             router_bias=c.router_bias,
         )
 
+    def check_pool(self, pool: LoraPool) -> None:
+        """K experts per token must exist in every matrix: K ≤ the fewest experts (summed adapter ranks) of any."""
+        if not pool.modules:
+            return
+        fewest = min(pool.modules.values(), key=lambda m: m.num_experts)
+        if self.config.topk_experts > fewest.num_experts:
+            raise ValueError(
+                f"--topk_experts {self.config.topk_experts} exceeds the pool's expert count: matrix {fewest.name!r} "
+                f"has {fewest.num_experts} rank-one experts (its adapters' ranks summed); "
+                f"use --topk_experts <= {fewest.num_experts}"
+            )
+
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> MoreModel:
         if pool is None:
             raise ValueError("method 'smartfed' needs --lora_pool")
+        self.check_pool(pool)
         more = attach_more(model, pool, self.more_config(), generator=generator)
         self._check_budgets(more)
         return more
