@@ -99,6 +99,41 @@ def test_report_flags_unpaired_unfinished_and_option_variants(tmp_path):
     assert not (tmp_path / "metric_vs_round.png").exists()
 
 
+def test_report_skips_and_lists_damaged_runs_and_flags_failed_ones(tmp_path):
+    _write_run(tmp_path / "a0", "alpha", 0, [_row(1, 0.5, 1, 1.0, None)])
+    _write_run(tmp_path / "a1", "alpha", 1, [_row(1, 0.7, 1, 1.0, None)])
+    _write_run(tmp_path / "torn", "alpha", 2, [_row(1, 0.9, 1, 1.0, None)])
+    (tmp_path / "torn" / "metrics.jsonl").write_bytes(b'{"round": 1, "eval_sc')  # a torn write
+    failed = _write_run(tmp_path / "b", "beta", 0, [_row(1, 0.1, 1, 1.0, None)])
+    RunFolder(failed).write_summary({"status": "failed", "reason": "every round (1) was skipped"})
+    md = write_report([tmp_path], tmp_path, plots=False).read_text()
+    assert _table(md)["alpha"][:2] == ["0, 1", "0.600 ± 0.141"]  # the torn run is not in the mean
+    assert "Skipped damaged runs: `" in md and "torn" in md and "metrics.jsonl" in md
+    assert "Failed runs (they trained nothing; summary.json says why): `" in md
+    assert "(every round (1) was skipped)" in md
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert [Path(p).name for p in saved["skipped_damaged"]] == ["torn"]
+    assert list(saved["failed"].values()) == ["every round (1) was skipped"]
+    (tmp_path / "a0" / "config.json").write_text("{not json")
+    (tmp_path / "a1" / "config.json").write_text("{not json")
+    (tmp_path / "b" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="no readable run folder"):
+        write_report([tmp_path], tmp_path, plots=False)
+
+
+def test_report_needs_output_when_the_runs_share_no_run_tree(tmp_path):
+    one = _write_run(tmp_path / "x" / "deep" / "er" / "one", "alpha", 0, [_row(1, 0.5, 1, 1.0, None)])
+    two = _write_run(tmp_path / "y" / "two", "alpha", 1, [_row(1, 0.7, 1, 1.0, None)])
+    result = CliRunner().invoke(app, ["report", str(one), str(two), "--no_plots"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "share no run tree" in lines[0] and "give --output" in lines[0]
+    assert not (tmp_path / "comparison.md").exists()
+    ok = CliRunner().invoke(app, ["report", str(one), str(two), "--no_plots", "--output", str(tmp_path / "out")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "out" / "comparison.md").is_file()
+
+
 def test_human_bytes():
     assert [human_bytes(n) for n in (999, 1000, 1_234_567, 2.5e9)] == ["999 B", "1 kB", "1.23 MB", "2.5 GB"]
 
@@ -177,6 +212,27 @@ def test_compare_resumes_a_shorter_run_and_refuses_a_folder_of_other_settings(tm
     with pytest.raises(FileExistsError, match="not a SmartFed run folder"):
         compare_module.compare(base, ["fedit"], [3], tmp_path / "cmp2")
     assert len(calls) == 2  # refused before running anything
+
+
+def test_compare_goes_on_past_a_run_that_trained_nothing_and_lists_it(tmp_path, monkeypatch):
+    from smartfed.errors import RunFailed
+
+    def fake_run(config: RunConfig, **_: object) -> None:
+        folder = RunFolder(config.output_dir)
+        folder.write_config(config.to_dict())
+        folder.write_metrics([_row(1, 0.5, 100, 1.0, None)])
+        if config.method == "fedit":
+            folder.write_summary({"method": config.method, "status": "failed", "reason": "loss not finite"})
+            raise RunFailed("run failed: loss not finite")
+        folder.write_summary({"method": config.method, "status": "completed", "reason": None})
+
+    import smartfed.fl.simulation as simulation
+
+    monkeypatch.setattr(simulation, "run_simulation", fake_run)
+    base = RunConfig(model_name_or_path="m", lora_pool="p", num_rounds=1, energy="none")
+    md = compare_module.compare(base, ["fedit", "flora"], [0], tmp_path / "cmp").read_text()
+    assert set(_table(md)) == {"fedit", "flora"}  # flora ran after fedit failed
+    assert "Failed runs" in md and "(loss not finite)" in md
 
 
 def test_compare_rejects_unknown_methods_and_bad_seeds():

@@ -297,6 +297,30 @@ def test_truncation_keeps_the_answer(tok) -> None:
         encode_examples(tok, ["a"], ["c"], max_length=1)
 
 
+def test_long_inputs_are_cut_before_tokenizing(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2 MB prompt and answer: only text_bound(max_length) characters reach the tokenizer, same tokens kept."""
+    from smartfed.data.collate import text_bound
+
+    prompt = "".join(chr(ord("a") + i % 26) for i in range(2_000_000)) + "END"
+    answer = "B" * 1_000_000
+    seen: list[int] = []
+    call = type(tok).__call__
+
+    def counting(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    batch = encode_examples(tok, [prompt], [answer], max_length=16)
+    assert seen and max(seen) <= text_bound(16)
+    monkeypatch.undo()
+    # the same row as tokenizing everything: the prompt's last token and the answer's first 15
+    full_prompt = tok(prompt)["input_ids"]
+    full_answer = tok(answer, add_special_tokens=False)["input_ids"][:15]
+    assert batch["input_ids"][0].tolist() == full_prompt[-1:] + full_answer
+    assert _answers_of(tok, batch) == ["B" * 15]
+
+
 def test_chat_template_is_applied() -> None:
     tok = char_tokenizer()
     assert format_prompt(tok, "1+1=") == "1+1="

@@ -104,6 +104,7 @@ def test_federated_run_writes_every_field(full_run, assets):
         assert row["eeqa_gap"] >= 0
     summary = json.loads((full_run / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+    assert summary["status"] == "completed" and summary["reason"] is None
     assert summary["bytes_total"] == summary["bytes_up_total"] + summary["bytes_down_total"]
     assert summary["train_seconds_total"] == pytest.approx(sum(r["train_seconds"] for r in rows))
     config = json.loads((full_run / "config.json").read_text())

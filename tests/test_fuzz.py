@@ -188,7 +188,9 @@ def _write_bad_files(root: Path, model: Path, pool: str) -> Path:
     (bad / "noconfig").mkdir(exist_ok=True)
     (bad / "brokenadapter").mkdir(exist_ok=True)
     (bad / "brokenadapter" / "adapter_config.json").write_text("{not json")
-    config = json.dumps(RunConfig(model_name_or_path=str(model), lora_pool=pool, energy="none").to_dict())
+    # topk_experts=4: a run the pool can serve (8 experts per matrix), so only the damage is wrong
+    run_config = RunConfig(model_name_or_path=str(model), lora_pool=pool, energy="none", topk_experts=4)
+    config = json.dumps(run_config.to_dict())
     for run, damage in [("run_metrics", "metrics.jsonl"), ("run_checkpoint", "checkpoints/round_0001.safetensors")]:
         (bad / run / "checkpoints").mkdir(parents=True, exist_ok=True)
         (bad / run / "config.json").write_text(config)

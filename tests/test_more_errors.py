@@ -180,3 +180,62 @@ def test_load_router_refuses_other_experts(llama, two_adapters, tmp_path):
         small.load_router(tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError, match="nope"):
         small.load_router(tmp_path / "nope.safetensors")
+
+
+# --- issue 15: values that cannot train are refused when the pool loads --------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_adapter_weights_name_the_file_and_tensor(two_adapters, bad):
+    from safetensors.torch import load_file
+
+    weights_file = two_adapters[1] / "adapter_model.safetensors"
+    tensors = load_file(weights_file)
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = bad
+    save_file(tensors, weights_file)
+    with pytest.raises(ValueError, match=rf"'json'.*{re.escape(key)}.*{re.escape(str(weights_file))}.*1 non-finite"):
+        LoraPool.load(two_adapters)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"alpha_pattern": {"q_proj": "big"}}, r"'math'.*alpha_pattern\['q_proj'\]='big'.*finite positive number"),
+        ({"rank_pattern": {"v_proj": "4"}}, r"'math'.*rank_pattern\['v_proj'\]='4'.*positive integer"),
+        ({"rank_pattern": {"v_proj": 2.5}}, r"'math'.*rank_pattern\['v_proj'\]=2\.5.*positive integer"),
+        ({"alpha_pattern": ["q_proj"]}, r"'math'.*'alpha_pattern'.*JSON object"),
+        ({"alpha_pattern": {"q_proj[": 8}}, r"'math'.*alpha_pattern key 'q_proj\['.*not a valid pattern"),
+    ],
+)
+def test_bad_rank_or_alpha_pattern_names_the_key_and_value(two_adapters, patch, message):
+    config_file = two_adapters[0] / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(patch)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        LoraPool.load(two_adapters)
+
+
+def test_symlink_loop_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local symlink must not be looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    monkeypatch.chdir(tmp_path)
+    # "a/b" would pass for a Hub id: the loop sits at that relative path
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "adapter").symlink_to(tmp_path / "user" / "adapter")
+    for source in (str(tmp_path / "loop"), "user/adapter"):
+        with pytest.raises(FileNotFoundError, match=rf"{re.escape(source)}.*broken symlink or a symlink loop"):
+            LoraPool.load([source])
+
+
+def test_duplicate_adapter_in_the_pool_is_named(two_adapters, tmp_path):
+    math_dir, json_dir = two_adapters
+    with pytest.raises(ValueError, match=rf"{re.escape(str(math_dir))}' is given twice"):
+        LoraPool.load([math_dir, json_dir, math_dir])
+    (tmp_path / "alias").symlink_to(math_dir)  # the same folder under another name is the same adapter
+    with pytest.raises(ValueError, match=r"given twice in the pool \(as .*math' and .*alias'\)"):
+        LoraPool.load(f"{math_dir},{tmp_path / 'alias'}")

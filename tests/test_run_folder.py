@@ -205,7 +205,7 @@ def test_the_lock_is_reentrant_within_one_process(tmp_path):
 def test_resume_with_other_settings_is_refused_and_writes_nothing(finished, tmp_path):
     run = _copy(finished, tmp_path)
     before = _snapshot(run)
-    code, lines = _cli("run", "--resume", str(run), "--learning_rate", "0.5", "--router", "rank", "--num_rounds", "4")
+    code, lines = _cli("run", "--resume", str(run), "--learning_rate", "0.5", "--router", "linear", "--num_rounds", "4")
     assert code == 2 and len(lines) == 1, lines
     assert "learning_rate" in lines[0] and "router" in lines[0] and "num_rounds" not in lines[0].split(";")[0]
     assert _snapshot(run) == before

@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from .errors import ANTICIPATED, one_line
+
+# pretty_exceptions_show_locals=False: a traceback (a bug, or --debug) never prints the frames'
+# local variables, so a config, a token or a prompt never ends up in a log.
 app = typer.Typer(
     help="SmartFed: federated routing of rank-one experts from existing LoRA adapters.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
-pool_app = typer.Typer(help="Inspect LoRA pools.", no_args_is_help=True)
+pool_app = typer.Typer(help="Inspect LoRA pools.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(pool_app, name="pool")
-zoo_app = typer.Typer(help="The example LoRA pool of the default benchmark.", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="The example LoRA pool of the default benchmark.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
 app.add_typer(zoo_app, name="zoo")
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """An anticipated error raised anywhere in ``command`` (inside Flower's ServerApp too): ``error: …``, exit 2.
+
+    ``--debug`` (the command's ``debug`` argument) re-raises it with its traceback.
+    """
+
+    @functools.wraps(command)  # keeps the signature (and a set __signature__) typer reads the options from
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ANTICIPATED as err:
+            _error_exit(err, bool(kwargs.get("debug", False)))
+
+    return wrapper
 
 
 def _demo(
@@ -58,6 +84,7 @@ def _demo_signature() -> inspect.Signature:
 
 
 @pool_app.command("inspect")
+@_one_line_errors
 def pool_inspect(
     sources: Annotated[list[str], typer.Argument(help="PEFT adapter folders or Hub ids.")],
 ) -> None:
@@ -69,7 +96,7 @@ def pool_inspect(
         pool = LoraPool.load(sources)
     except (FileNotFoundError, ValueError) as err:
         _error_exit(err)
-    table = Table(title=repr(pool))
+    table = Table(title=escape(repr(pool)))  # "[math(r=4), ...]" would otherwise be read as rich markup
     for column in ("adapter", "rank", "alpha", "rsLoRA", "matrices", "base model", "sha256"):
         table.add_column(column)
     for a in pool.adapters:
@@ -91,7 +118,7 @@ def _error_exit(err: BaseException | str, debug: bool = False) -> NoReturn:
     """``error: <message>`` on one unwrapped stderr line, exit code 2."""
     if debug and isinstance(err, BaseException):
         raise err
-    message = " ".join(str(err).split())
+    message = one_line(err) if isinstance(err, BaseException) else " ".join(err.split())
     typer.echo(typer.style("error:", fg="red") + " " + message, err=True)
     raise typer.Exit(2)
 
@@ -164,9 +191,11 @@ def _run(
 
 
 def _check_paths(config, methods: Optional[list[str]] = None) -> Any:
-    """Fail before starting Flower when a local path the run needs is missing; returns the loaded pool (or None).
+    """Fail before starting Flower when a local path the run needs is missing, or the method cannot use it.
 
-    ``methods``: the methods that will run over the pool (default: ``config.method``).
+    ``methods``: the methods that will run over the pool (default: ``config.method``); each parses
+    its ``--method_options`` and checks the pool (e.g. SmartFed's ``--topk_experts``) here.
+    Returns the loaded pool (or None).
     """
     from dataclasses import replace
 
@@ -174,9 +203,9 @@ def _check_paths(config, methods: Optional[list[str]] = None) -> Any:
     from .more import LoraPool
     from .zoo import resolve_pool
 
-    pool = None
-    if config.lora_pool:
-        pool = LoraPool.load(resolve_pool(config.lora_pool))  # names the missing or broken adapter
+    load_builtin_methods()
+    runners = [get_method_class(name)(replace(config, method=name)) for name in methods or [config.method]]
+    pool = LoraPool.load(resolve_pool(config.lora_pool)) if config.lora_pool else None  # names a broken adapter
     model = Path(config.model_name_or_path).expanduser()
     if config.model_name_or_path.startswith((".", "/", "~")) and not model.exists():
         raise FileNotFoundError(f"--model_name_or_path {config.model_name_or_path}: no such folder")
@@ -191,10 +220,8 @@ def _check_paths(config, methods: Optional[list[str]] = None) -> Any:
     from .data import load_task
 
     load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)  # bad data files
-    if pool is not None:  # e.g. --topk_experts above the pool's expert count
-        load_builtin_methods()
-        for name in methods or [config.method]:
-            get_method_class(name)(replace(config, method=name)).check_pool(pool)
+    for runner in runners if pool is not None else []:  # last: the paths' own errors come first
+        runner.check_pool(pool)
     return pool
 
 
@@ -204,7 +231,7 @@ _run.__signature__ = inspect.signature(_run, eval_str=True).replace(  # type: ig
     ]
     + _run_options()
 )
-app.command("run")(_run)
+app.command("run")(_one_line_errors(_run))
 
 
 def _dataclass_options(cls: type) -> list[inspect.Parameter]:
@@ -258,11 +285,12 @@ def _zoo_signature() -> inspect.Signature:
 
 _zoo_build.__signature__ = _zoo_signature()  # type: ignore[attr-defined]
 _demo.__signature__ = _demo_signature()  # type: ignore[attr-defined]
-app.command("demo")(_demo)
-zoo_app.command("build")(_zoo_build)
+app.command("demo")(_one_line_errors(_demo))
+zoo_app.command("build")(_one_line_errors(_zoo_build))
 
 
 @zoo_app.command("list")
+@_one_line_errors
 def zoo_list(folder: Annotated[Optional[Path], typer.Argument(help="Zoo folder.")] = None) -> None:
     """The adapters of the zoo with their manifest scores."""
     from .zoo import read_manifest
@@ -334,10 +362,11 @@ _compare.__signature__ = _compare_own.replace(  # type: ignore[attr-defined]
     parameters=[p for p in _compare_own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     + [p for p in _run_options() if p.name != "method"]  # --methods replaces --method
 )
-app.command("compare")(_compare)
+app.command("compare")(_one_line_errors(_compare))
 
 
 @app.command("report")
+@_one_line_errors
 def report_command(
     dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders holding run folders (searched).")],
     target: Annotated[
@@ -345,20 +374,19 @@ def report_command(
     ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", help="Folder for comparison.md and plots (default: the runs' common folder)."),
+        typer.Option(
+            "--output",
+            help="Folder for comparison.md and plots (default: the runs' common folder, when they share a run tree).",
+        ),
     ] = None,
     no_plots: Annotated[bool, typer.Option("--no_plots", help="Only the table, no PNG plots.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Rebuild comparison.md (mean ± std over seeds per method) and the plots from finished run folders."""
-    import os
+    from .report import default_output, write_report
 
-    from .report import is_run_folder, write_report
-
-    if output is None:
-        common = Path(os.path.commonpath([d.resolve() for d in dirs]))
-        output = common.parent if is_run_folder(common) else common
     try:
+        output = output if output is not None else default_output(dirs)
         report = write_report(dirs, output, target=target, plots=not no_plots)
     except (ValueError, OSError) as err:
         _error_exit(err, debug)
@@ -393,6 +421,7 @@ def _load_run(run_dir: Path, round_: int | None, pool: str | None, debug: bool):
 
 
 @app.command("generate")
+@_one_line_errors
 def generate_command(
     run_dir: RunDirArg,
     prompt: Annotated[
@@ -410,8 +439,13 @@ def generate_command(
 
     from .data.collate import encode_prompt, pad_token_id
 
+    if not prompt.strip():  # checked before the model loads: nothing to answer
+        raise ValueError("--prompt is empty: give the text to answer")
     model, tokenizer = _load_run(run_dir, round_, pool, debug)
-    input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long)
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ValueError(f"--prompt {prompt[:40]!r} encodes to no tokens with the run's tokenizer")
+    input_ids = torch.tensor([ids], dtype=torch.long)
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
@@ -446,6 +480,7 @@ def _task_folder_name(task: str) -> str:
 
 
 @app.command("eval")
+@_one_line_errors
 def eval_command(
     run_dir: RunDirArg,
     task: Annotated[
@@ -507,6 +542,7 @@ def eval_command(
 
 
 @app.command("export")
+@_one_line_errors
 def export_command(
     run_dir: RunDirArg,
     output: Annotated[Path, typer.Option("--output", help="Folder to write the adapter to.", show_default=False)],

@@ -12,6 +12,7 @@ before the first run starts (a run folder holds one run, never two).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -104,6 +105,7 @@ def compare(
 
     ``on_run(config, reused)`` is called before each run (for progress lines).
     """
+    from .errors import RunFailed
     from .fl.simulation import run_simulation
 
     configs = plan(base, methods, seeds, out)
@@ -113,5 +115,7 @@ def compare(
         if on_run is not None:
             on_run(config, reused)
         if not reused:
-            run_simulation(config, resume=resumable(config), progress=progress, verbose=verbose)
+            # a run that trained nothing: its summary.json says why and the report lists it; go on
+            with contextlib.suppress(RunFailed):
+                run_simulation(config, resume=resumable(config), progress=progress, verbose=verbose)
     return write_report([c.output_dir for c in configs], out, target=target)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data.collate import encode_examples, encode_prompt
+from .data.collate import encode_examples, encode_prompt, text_bound
 from .files import sibling_temp_dir
 from .more import MoreModel
 
@@ -113,7 +113,8 @@ def calibration_batches(
             encoded = encode_examples(tokenizer, [prompt], [answers[i]], max_length=max_length)
             yield {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         else:
-            ids = torch.tensor([encode_prompt(tokenizer, prompt)[-max_length:]], dtype=torch.long)
+            text = prompt[-text_bound(max_length) :]  # only its last max_length tokens are kept
+            ids = torch.tensor([encode_prompt(tokenizer, text)[-max_length:]], dtype=torch.long)
             yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -255,6 +256,36 @@ def _move_into_place(tmp: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_rank(model: MoreModel, rank: int) -> None:
+    """Refuse a rank above every target matrix's own rank bound min(d_out, d_in).
+
+    Beyond it every matrix is already exact and the rest is zero padding, whose
+    (d_out + d_in) × rank floats a mistyped ``--rank`` would make unbounded.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} (--rank) must be a positive int")
+    shapes = {name: min(layer.lora_B.shape[0], layer.lora_A.shape[1]) for name, layer in model.more_layers().items()}
+    if not shapes:
+        return
+    name, largest = max(shapes.items(), key=lambda item: item[1])
+    if rank > largest:
+        raise ValueError(
+            f"rank={rank} (--rank) exceeds the rank any target matrix can have: min(d_out, d_in) = {largest} "
+            f"(e.g. {name}); use --rank <= {largest}"
+        )
+
+
+def check_output_parent(output: Path) -> None:
+    """Refuse an output whose nearest existing ancestor is a file or not writable (before the slow part)."""
+    ancestor = output.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"export output {output}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"export output {output}: the folder {ancestor} is not writable")
+
+
 def export_peft(
     model: MoreModel,
     output: str | os.PathLike,
@@ -275,6 +306,7 @@ def export_peft(
 
     output = Path(output).expanduser()
     _prepare_output(output, overwrite)
+    check_rank(model, rank)
     factors = static_factors(model, gates, rank)
     base = base_model_copy(model)
     lora_config = LoraConfig(
@@ -355,6 +387,8 @@ def export_run(
         loaded = load(run_dir, checkpoint=checkpoint, pool=pool)
     if not isinstance(loaded.model, MoreModel):
         raise ValueError(f"run {loaded.run_dir}: method {loaded.config.method!r} has no MoRE layers to export")
+    check_rank(loaded.model, rank)  # both before the calibration pass
+    check_output_parent(Path(output).expanduser())
     config = loaded.config
     _, train, _ = load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)
     rows = train.select(range(min(calibration, len(train))))

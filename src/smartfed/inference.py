@@ -193,8 +193,9 @@ def load(
     try:
         method.set_state(model, {k: v for k, v in tensors.items() if k in state_keys})
         method.restore_payload(model, payload)
-    except ValueError as err:
-        raise ValueError(f"checkpoint {path}: {err}") from err
+    except (ValueError, KeyError) as err:  # a method may index the tensors or the payload by key
+        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"checkpoint {path}: {detail}") from err
     if device is not None:
         model.to(device)
     model.eval()

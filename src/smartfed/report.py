@@ -44,6 +44,7 @@ class RunRecord:
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     finished: bool  # summary.json present
+    failure: str | None = None  # summary.json's reason when the run trained nothing ("status": "failed")
 
     @property
     def label(self) -> str:
@@ -115,7 +116,48 @@ def load_run(path: str | os.PathLike) -> RunRecord:
         rows = folder.read_metrics()
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder.path / METRICS_FILE}: not valid JSON lines ({err})") from err
-    return RunRecord(folder.path, config, rows, (folder.path / SUMMARY_FILE).is_file())
+    summary_file = folder.path / SUMMARY_FILE
+    failure = None
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{summary_file}: not valid JSON ({err})") from err
+        if isinstance(summary, dict) and summary.get("status") == "failed":
+            failure = str(summary.get("reason") or "failed")
+    return RunRecord(folder.path, config, rows, summary_file.is_file(), failure)
+
+
+def load_runs(paths: Sequence[Path]) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
+    """The readable runs, and (path, reason) of each damaged one: one bad folder does not sink the report."""
+    runs, damaged = [], []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except (ValueError, OSError) as err:
+            damaged.append((path, " ".join(str(err).split())))
+    if not runs:
+        listed = "; ".join(f"{p}: {why}" for p, why in damaged)
+        raise ValueError(f"no readable run folder: {listed}")
+    return runs, damaged
+
+
+def default_output(dirs: Sequence[str | os.PathLike]) -> Path:
+    """Where ``report`` writes without ``--output``: the runs' own tree, never a far ancestor such as / or $HOME.
+
+    The common folder of ``dirs`` (its parent for a single run folder) is used when every
+    given folder lies at most two levels below it (``<out>/<method>/seed<k>`` as ``compare``
+    writes); otherwise the runs share no run tree and ``--output`` is required.
+    """
+    resolved = [Path(d).expanduser().resolve() for d in dirs]
+    common = Path(os.path.commonpath(resolved))
+    out = common.parent if is_run_folder(common) else common
+    far = [d for d in resolved if len(d.relative_to(out).parts) > 2]
+    if far or out == Path(out.anchor) or out == Path.home().resolve():
+        raise ValueError(
+            f"the runs {[str(d) for d in dirs]} share no run tree (their common folder is {out}): give --output"
+        )
+    return out
 
 
 # --- statistics and formatting ------------------------------------------------------------------
@@ -201,7 +243,12 @@ def build_rows(runs: Sequence[RunRecord], target: float | None = None) -> list[M
     ]
 
 
-def render_markdown(runs: Sequence[RunRecord], rows: Sequence[MethodRow], target: float | None) -> str:
+def render_markdown(
+    runs: Sequence[RunRecord],
+    rows: Sequence[MethodRow],
+    target: float | None,
+    damaged: Sequence[tuple[Path, str]] = (),
+) -> str:
     metrics = sorted({r.metric for r in runs})
     metric = metrics[0] if len(metrics) == 1 else "/".join(metrics)
     header = ["method", "seeds", f"final {metric} (mean ± std)"]
@@ -228,6 +275,15 @@ def render_markdown(runs: Sequence[RunRecord], rows: Sequence[MethodRow], target
     unfinished = [row.label for row in rows if row.stats["unfinished"]]
     if unfinished:
         lines.append(f"Unfinished runs (no summary.json) in: {', '.join(unfinished)}.")
+    failed = [r for r in runs if r.failure]
+    if failed:
+        lines.append(
+            "Failed runs (they trained nothing; summary.json says why): "
+            + "; ".join(f"`{display_path(r.path)}` ({r.failure})" for r in failed)
+            + "."
+        )
+    if damaged:
+        lines.append("Skipped damaged runs: " + "; ".join(f"`{display_path(p)}` ({why})" for p, why in damaged) + ".")
     rounds = {row.label: row.stats["rounds"] for row in rows if len(row.stats["rounds"]) > 1}
     if rounds or len({tuple(row.stats["rounds"]) for row in rows}) > 1:
         lines.append("Rounds recorded differ: " + ", ".join(f"{row.label} {row.stats['rounds']}" for row in rows) + ".")
@@ -318,15 +374,17 @@ def write_report(
     """Read the run folders in/under ``paths``; write ``comparison.md``, ``comparison.json`` and the plots to ``out``."""
     if target is not None and not math.isfinite(target):
         raise ValueError(f"target={target!r} must be a finite number")
-    runs = [load_run(p) for p in find_runs(paths)]
+    runs, damaged = load_runs(find_runs(paths))
     rows = build_rows(runs, target)
     out = Path(out)
-    atomic_write_bytes(out / COMPARISON_MD, render_markdown(runs, rows, target).encode())
+    atomic_write_bytes(out / COMPARISON_MD, render_markdown(runs, rows, target, damaged).encode())
     atomic_write_json(
         out / COMPARISON_JSON,
         {
             "target": target,
             "methods": {row.label: {**row.stats, "runs": [display_path(r.path) for r in row.runs]} for row in rows},
+            "failed": {display_path(r.path): r.failure for r in runs if r.failure},
+            "skipped_damaged": {display_path(p): why for p, why in damaged},
         },
     )
     if plots:

@@ -19,6 +19,15 @@ from transformers import PreTrainedTokenizerBase
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.CrossEntropyLoss`` (and transformers' causal-LM loss) skips."""
 
+MAX_CHARS_PER_TOKEN = 32
+"""Text beyond ``max_length × MAX_CHARS_PER_TOKEN`` characters cannot reach a kept token (a token of
+more than 32 characters is rare), so it is cut before tokenizing: a 5 MB prompt costs what 4 KB does."""
+
+
+def text_bound(max_length: int) -> int:
+    """Characters of a prompt or answer worth tokenizing when ``max_length`` tokens are kept."""
+    return max_length * MAX_CHARS_PER_TOKEN
+
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer carries a chat template."""
@@ -74,7 +83,8 @@ def encode_examples(
     ``labels`` equal ``input_ids`` on the answer and its eos and ``-100`` on the
     prompt and the padding. Too long: the prompt loses tokens from its left;
     an answer that alone does not fit in ``max_length - 1`` tokens is cut on the
-    right (losing its eos) and keeps one prompt token.
+    right (losing its eos) and keeps one prompt token. Only the last (first)
+    ``text_bound(max_length)`` characters of a prompt (answer) are tokenized.
 
     Returns:
         ``{"input_ids", "attention_mask", "labels"}``, int64 tensors of shape (batch, length).
@@ -87,9 +97,10 @@ def encode_examples(
         raise ValueError(f"encode_examples: max_length={max_length!r} must be an int >= 2")
     eos, pad = _eos_token_id(tokenizer), pad_token_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
+    bound = text_bound(max_length)  # the prompt keeps its end, the answer its start: cut the text the same way
     for prompt, answer in zip(prompts, answers, strict=True):
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        answer_ids = [*tokenizer(answer, add_special_tokens=False)["input_ids"], eos][: max_length - 1]
+        prompt_ids = encode_prompt(tokenizer, prompt[-bound:])
+        answer_ids = [*tokenizer(answer[:bound], add_special_tokens=False)["input_ids"], eos][: max_length - 1]
         rows.append((prompt_ids[-(max_length - len(answer_ids)) :], answer_ids))
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -8,6 +8,7 @@ the run folder's ``config.json``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -181,16 +182,24 @@ class RunConfig:
             raise ValueError(f"client_threads={self.client_threads!r} must be an integer >= 0")
         if self.sample_clients > self.num_clients:
             raise ValueError(f"sample_clients={self.sample_clients!r} exceeds num_clients={self.num_clients!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
-        if self.weight_decay < 0 or self.eeqa_k_max < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} and eeqa_k_max={self.eeqa_k_max!r} must be >= 0")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
+        if self.max_length < 2:  # encode_examples keeps one prompt token and at least one answer token
+            raise ValueError(
+                f"max_length={self.max_length!r} leaves no room for the answer: a training example needs one "
+                "prompt token and at least one answer token (--max_length >= 2)"
+            )
+        # a rate of inf or NaN turns the first step's weights into NaN: every reply is then dropped
+        if not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be a finite number > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
+        if self.eeqa_k_max < 0:
+            raise ValueError(f"eeqa_k_max={self.eeqa_k_max!r} must be >= 0")
+        if not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if not [m for m in self.lora_target_modules.split(",") if m.strip()]:
             raise ValueError(f"lora_target_modules={self.lora_target_modules!r} names no module")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha={self.alpha!r} must be > 0")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha={self.alpha!r} must be a finite number > 0")
         _choice("router", self.router, RouterType)
         _choice("gate", self.gate, GateType)
         _choice("router_init", self.router_init, RouterInit)
@@ -261,14 +270,14 @@ class RunConfig:
 
     def require_sources(self) -> None:
         """The fields without a usable default: the model, and the pool when the method reads one."""
+        from ..methods import get_method_class, load_builtin_methods
+
         if not self.model_name_or_path:
             raise ValueError("--model_name_or_path is required")
-        if not self.lora_pool:
-            from ..methods import get_method_class, load_builtin_methods
-
-            load_builtin_methods()
-            if getattr(get_method_class(self.method), "uses_pool", True):
-                raise ValueError(f"--lora_pool is required by method {self.method!r}")
+        load_builtin_methods()
+        method = get_method_class(self.method)  # an unknown --method fails here, not inside Flower
+        if not self.lora_pool and getattr(method, "uses_pool", True):
+            raise ValueError(f"--lora_pool is required by method {self.method!r}")
 
     # --- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

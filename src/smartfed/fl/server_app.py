@@ -17,6 +17,7 @@ replaces its line, so metrics.jsonl never loses nor repeats a round.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -31,6 +32,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
+from ..errors import RunFailed
 from ..eval import evaluate_task
 from ..methods import ClientUpdate
 from . import keys, privacy, secagg
@@ -229,7 +231,7 @@ def _serve(
             )
         skipped = len(accepted) < config.min_fit_clients
         if skipped and config.on_insufficient == "fail":
-            raise RuntimeError(
+            raise RunFailed(
                 f"round {server_round}: {len(accepted)} valid client replies, fewer than "
                 f"min_fit_clients={config.min_fit_clients} (on_insufficient='fail'); dropped: {dropped}"
             )
@@ -307,7 +309,25 @@ def _serve(
 
     summary = _summarise(config, rows, time.monotonic() - started)
     folder.write_summary(summary)
+    if summary["status"] == "failed":
+        log(INFO, "SmartFed run failed: %s", summary["reason"])
     return summary
+
+
+def failure_reason(rows: list[dict[str, Any]]) -> str | None:
+    """Why a run's rounds trained nothing, or None when they did: every round skipped, or a loss not finite."""
+    if not rows:
+        return None
+    if all(r.get("skipped") for r in rows):
+        reasons = sorted({d["reason"] for r in rows for d in r.get("dropped", [])})
+        shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        return f"every round ({len(rows)}) was skipped: no round had min_fit_clients valid client replies" + (
+            f" (dropped: {shown})" if shown else ""
+        )
+    bad = [r["round"] for r in rows if r.get("train_loss") is not None and not math.isfinite(r["train_loss"])]
+    if bad:
+        return f"the training loss is not finite in round(s) {bad}"
+    return None
 
 
 def _summarise(config: RunConfig, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -315,7 +335,10 @@ def _summarise(config: RunConfig, rows: list[dict[str, Any]], wall: float) -> di
     energies = [r["energy_kwh"] for r in rows if r.get("energy_kwh") is not None]
     train_kwh = [r["train_kwh"] for r in rows if r.get("train_kwh") is not None]
     up, down = sum(r["bytes_up"] for r in rows), sum(r["bytes_down"] for r in rows)
+    reason = failure_reason(rows)
     return {
+        "status": "failed" if reason else "completed",
+        "reason": reason,
         "method": config.method,
         "task": config.task,
         "rounds": len(rows),
@@ -338,14 +361,32 @@ def _summarise(config: RunConfig, rows: list[dict[str, Any]], wall: float) -> di
     }
 
 
-def make_server_app(config: RunConfig | None = None, *, resume: bool = False, progress: bool = True) -> ServerApp:
-    """A ServerApp bound to ``config``, or reading the Flower run config when ``None``."""
+def make_server_app(
+    config: RunConfig | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    errors: list[BaseException] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to ``config``, or reading the Flower run config when ``None``.
+
+    ``errors`` receives the exception that ended the ServerApp (it is re-raised too), so the
+    caller of Flower's engine can raise the very error however the engine reports it.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_config = config if config is not None else RunConfig.from_flower(context.run_config)
-        run_server(grid, run_config, resume=resume, progress=progress)
+        try:
+            run_config = config if config is not None else RunConfig.from_flower(context.run_config)
+            summary = run_server(grid, run_config, resume=resume, progress=progress)
+            if summary["status"] == "failed":  # after summary.json is written: the folder keeps the reason
+                where = Path(run_config.output_dir) / "summary.json"
+                raise RunFailed(f"run failed: {summary['reason']} (see {where})")
+        except Exception as err:
+            if errors is not None:
+                errors.append(err)
+            raise
 
     return app
 

@@ -19,7 +19,8 @@ def run_simulation(
 
     A fresh run needs an empty (or new) folder; ``overwrite=True`` first deletes a previous
     SmartFed run there (and refuses any other folder); ``resume=True`` continues the folder's
-    run with the same settings. The folder is locked for the whole simulation.
+    run with the same settings. The folder is locked for the whole simulation. Raises the
+    ServerApp's exception itself (``RunFailed`` when the run trained nothing).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -40,11 +41,19 @@ def run_simulation(
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
     folder = RunFolder(Path(config.output_dir).expanduser().resolve())
+    errors: list[BaseException] = []
     with folder.open_run(config, resume=resume, overwrite=overwrite):  # refused before Flower starts
-        flwr_run_simulation(
-            server_app=make_server_app(config, resume=resume, progress=progress),
-            client_app=make_client_app(config),
-            num_supernodes=config.num_clients,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
+        try:
+            flwr_run_simulation(
+                server_app=make_server_app(config, resume=resume, progress=progress, errors=errors),
+                client_app=make_client_app(config),
+                num_supernodes=config.num_clients,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+        except Exception:
+            if errors:  # the ServerApp's own error, not the engine's wrapper around it ("Ending simulation")
+                raise errors[0]  # noqa: B904 (its own cause and traceback stay)
+            raise
+    if errors:  # an engine that only logs the ServerApp's error must not make the run look finished
+        raise errors[0]

@@ -8,6 +8,7 @@ they only move these tensors (arrays, never pickles) and call these hooks.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -81,9 +82,12 @@ def parse_options(options_type: type[OptionsT], text: str, *, method: str) -> Op
                 values[key] = raw.strip().lower() in ("true", "1")
             else:
                 values[key] = type(default)(raw.strip()) if default is not None else raw.strip()
+            if isinstance(values[key], float) and not math.isfinite(values[key]):
+                raise ValueError(raw)  # a rate or weight of inf/NaN trains nothing
         except ValueError:
             raise ValueError(
-                f"--method_options for {method!r}: {key}={raw!r} is not a valid {type(default).__name__}"
+                f"--method_options for {method!r}: {key}={raw!r} is not a valid "
+                f"{'finite number' if isinstance(default, float) else type(default).__name__}"
             ) from None
     return options_type(**values)
 
@@ -95,12 +99,12 @@ class Method(ABC):
     summary: ClassVar[str]
     uses_pool: ClassVar[bool] = True  # False: the method trains from scratch and needs no --lora_pool
 
+    def check_pool(self, pool: LoraPool) -> None:  # noqa: B027 (most methods take any pool)
+        """Refuse, naming the flag, a pool this method cannot serve (called by ``build`` and before a run starts)."""
+
     @abstractmethod
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> nn.Module:
         """Wrap the frozen base ``model`` into the trainable client model."""
-
-    def check_pool(self, pool: LoraPool) -> None:  # noqa: B027 (optional hook)
-        """Refuse, naming the flag, settings this pool cannot serve (called by ``build`` and before a run starts)."""
 
     @abstractmethod
     def get_state(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -52,6 +52,18 @@ class SmartFed(Method):
             router_bias=c.router_bias,
         )
 
+    def check_pool(self, pool: LoraPool) -> None:
+        """K experts per token must exist in every matrix: K ≤ the fewest experts (summed adapter ranks) of any."""
+        if not pool.modules:
+            return
+        fewest = min(pool.modules.values(), key=lambda m: m.num_experts)
+        if self.config.topk_experts > fewest.num_experts:
+            raise ValueError(
+                f"--topk_experts {self.config.topk_experts} exceeds the pool's expert count: matrix {fewest.name!r} "
+                f"has {fewest.num_experts} rank-one experts (its adapters' ranks summed); "
+                f"use --topk_experts <= {fewest.num_experts}"
+            )
+
     def build(self, model: nn.Module, pool: LoraPool | None, generator: torch.Generator) -> MoreModel:
         if pool is None:
             raise ValueError("method 'smartfed' needs --lora_pool")
@@ -59,16 +71,6 @@ class SmartFed(Method):
         more = attach_more(model, pool, self.more_config(), generator=generator)
         self._check_budgets(more)
         return more
-
-    def check_pool(self, pool: LoraPool) -> None:
-        """K (``--topk_experts``) must not exceed the experts of any matrix the pool targets."""
-        counts = sorted({m.num_experts for m in pool.modules.values()})
-        if counts and self.config.topk_experts > counts[0]:
-            raise ValueError(
-                f"--topk_experts {self.config.topk_experts} exceeds the pool's expert count: its "
-                f"{len(pool.adapters)} adapter(s) give each target matrix {'/'.join(map(str, counts))} rank-one "
-                f"experts (the sum of their ranks); use --topk_experts {counts[0]} or fewer"
-            )
 
     def _check_budgets(self, model: MoreModel) -> None:
         """Every client budget β must leave each matrix k_min experts: a configuration error at start, not each round."""

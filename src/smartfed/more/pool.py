@@ -86,6 +86,8 @@ def _sha256(path: Path) -> str:
 def _resolve_source(source: str | Path) -> Path:
     """A local adapter folder, or a Hub repo id downloaded to the local cache."""
     path = Path(source).expanduser()
+    if path.is_symlink() and not path.exists():  # a loop or a dangling link: never a Hub id
+        raise FileNotFoundError(f"LoRA adapter {str(source)!r}: {path} is a broken symlink or a symlink loop")
     if path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"LoRA adapter {str(source)!r}: {path} is a file, expected an adapter folder")
@@ -131,11 +133,30 @@ def _read_config(name: str, path: Path) -> dict:
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        if not _positive_number(value):
             raise ValueError(
                 f"LoRA adapter {name!r}: field {key!r}={value!r} in {config_file} must be a finite positive number"
             )
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"LoRA adapter {name!r}: field {key!r} in {config_file} must be a JSON object")
+        for module, value in pattern.items():
+            if not _positive_number(value) or (key == "rank_pattern" and not isinstance(value, int)):
+                kind = "a positive integer" if key == "rank_pattern" else "a finite positive number"
+                raise ValueError(f"LoRA adapter {name!r}: {key}[{module!r}]={value!r} in {config_file} must be {kind}")
+            try:
+                re.compile(module)
+            except re.error as err:  # not a ValueError: PEFT matches the keys as regular expressions
+                raise ValueError(
+                    f"LoRA adapter {name!r}: {key} key {module!r} in {config_file} is not a valid pattern ({err})"
+                ) from None
     return config
+
+
+def _positive_number(value: object) -> bool:
+    """A finite number > 0 (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
@@ -148,9 +169,17 @@ def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
         )
         raise FileNotFoundError(f"LoRA adapter {name!r}: missing {weights_file}{hint}")
     try:
-        return load_file(weights_file)
+        weights = load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"LoRA adapter {name!r}: cannot read {weights_file}: {err}") from err
+    for key, tensor in weights.items():
+        # one NaN/Inf expert turns every routed output (and so every training step) into NaN
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"LoRA adapter {name!r}: tensor {key!r} in {weights_file} has {bad} non-finite value(s) (NaN/Inf)"
+            )
+    return weights
 
 
 def _split_pairs(name: str, weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -207,6 +236,7 @@ class LoraPool:
         sources = list(sources)
         if not sources:
             raise ValueError("LoraPool.load: no adapter sources given")
+        _refuse_duplicates(sources)
         names = list(names) if names is not None else _default_names(sources)
         if len(names) != len(sources) or len(set(names)) != len(names):
             raise ValueError(f"LoraPool.load: names {names} must be unique, one per source ({len(sources)})")
@@ -249,6 +279,18 @@ class LoraPool:
     def __repr__(self) -> str:
         names = ", ".join(f"{a.name}(r={a.rank})" for a in self.adapters)
         return f"LoraPool([{names}], matrices={len(self.modules)}, experts={self.num_experts})"
+
+
+def _refuse_duplicates(sources: Sequence[str | Path]) -> None:
+    """The same adapter twice would only duplicate its experts (and halve each one's share of the router)."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        path = Path(source).expanduser()
+        key = str(path.resolve()) if path.exists() else str(source)
+        if key in seen:
+            also = "" if str(source) == seen[key] else f" (as {seen[key]!r} and {str(source)!r})"
+            raise ValueError(f"LoRA adapter {str(source)!r} is given twice in the pool{also}")
+        seen[key] = str(source)
 
 
 def _default_names(sources: Sequence[str | Path]) -> list[str]:
