@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 if TYPE_CHECKING:
     from smartfed.fl.run_config import RunConfig
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # run_simulation sets this before Ray's first import (Ray reads it then); a test module may import Ray
+    # earlier, so set it for the whole session: Ray's servers then bind loopback only.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,11 +78,56 @@ def _config(assets, output_dir: Path, **overrides) -> RunConfig:
     return RunConfig(**values)
 
 
+# What Ray did during ``full_run``: the inet addresses its processes listened on, and its temp folders.
+_RAY_SEEN: dict[str, set[str]] = {"listening": set(), "temp_before": set(), "temp_after": set()}
+
+
+def _ray_temp_folders() -> set[str]:
+    tmp = Path(tempfile.gettempdir())
+    return {p.name for p in tmp.glob("smartfed-ray-*")} | {p.name for p in (tmp / "ray").glob("session_*")}
+
+
+def _watch_listeners(stop: threading.Event) -> None:
+    """Poll the listening TCP sockets of this process's descendants (Ray's GCS, raylet, workers)."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.wait(0.2):
+        for child in me.children(recursive=True):
+            try:
+                for conn in child.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        _RAY_SEEN["listening"].add(conn.laddr.ip)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+
+
 @pytest.fixture(scope="module")
 def full_run(assets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "full"
-    run_simulation(_config(assets, out), progress=False)
+    _RAY_SEEN["temp_before"] = _ray_temp_folders()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_listeners, args=(stop,), daemon=True)
+    watcher.start()
+    try:
+        run_simulation(_config(assets, out), progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    _RAY_SEEN["temp_after"] = _ray_temp_folders()
     return out
+
+
+def test_ray_listens_on_loopback_only_and_leaves_no_temp_folder(full_run):
+    """Ray under the simulation engine binds 127.0.0.1 only, and its session folder goes with the run."""
+    assert _RAY_SEEN["listening"], "no listening socket of Ray was seen: the watcher observed nothing"
+
+    def loopback(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+    assert all(loopback(a) for a in _RAY_SEEN["listening"]), _RAY_SEEN["listening"]
+    assert _RAY_SEEN["temp_after"] <= _RAY_SEEN["temp_before"], _RAY_SEEN["temp_after"] - _RAY_SEEN["temp_before"]
 
 
 def test_federated_run_writes_every_field(full_run, assets):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from .client_app import make_client_app
@@ -25,6 +26,9 @@ def run_simulation(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray resolves a node address of 127.0.0.1 to the machine's outward address unless clusters are off
+    # (read when ray is first imported): with them off, its servers bind loopback only.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not verbose:  # Ray workers inherit the environment: quiet them too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -38,11 +42,23 @@ def run_simulation(
     cpus = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": max(config.client_threads, 1), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": verbose,
+            # Ray's servers bind to the node address: loopback keeps them off every other interface
+            "_node_ip_address": "127.0.0.1",
+        },
     }
     folder = RunFolder(Path(config.output_dir).expanduser().resolve())
     errors: list[BaseException] = []
-    with folder.open_run(config, resume=resume, overwrite=overwrite):  # refused before Flower starts
+    with (
+        folder.open_run(config, resume=resume, overwrite=overwrite),  # refused before Flower starts
+        # Ray's session folder (logs, sockets, spilled objects) is this run's, removed when it ends
+        tempfile.TemporaryDirectory(prefix="smartfed-ray-", ignore_cleanup_errors=True) as ray_temp,
+    ):
+        backend_config["init_args"]["_temp_dir"] = ray_temp
         try:
             flwr_run_simulation(
                 server_app=make_server_app(config, resume=resume, progress=progress, errors=errors),
