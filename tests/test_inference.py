@@ -146,9 +146,25 @@ def test_load_router_file_from_save_router(fed, tmp_path):
 
 
 def test_generate_streams_an_answer(fed):
+    """The streamed text is the routed model's own greedy answer (whatever the tiny model says)."""
+    from smartfed.data.collate import encode_prompt, pad_token_id
+
     result = CliRunner().invoke(app, ["generate", str(fed["run"]), "--prompt", "3+4=", "--max_new_tokens", "6"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip()
+    model, tokenizer = smartfed.load(fed["run"])
+    ids = torch.tensor([encode_prompt(tokenizer, "3+4=")])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=pad_token_id(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    assert out.shape[1] > ids.shape[1]  # it generated (an end-of-sequence token counts)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert result.output.strip() == expected.strip()
 
 
 def test_eval_writes_predictions_and_scores(fed):

@@ -286,6 +286,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
         known = {f.name: f for f in fields(cls)}
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:  # e.g. YAML's `? ` or `1: x` give None or int keys
+            raise ValueError(f"{source}: keys must be option names, got {odd[0]!r}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(data) - set(known))
         if unknown:
