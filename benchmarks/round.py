@@ -373,7 +373,9 @@ def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> tuple[fl
     ratios = [t / r for t, r in zip(times, reference, strict=True)]
     if len(ratios) < 2:
         return ratios[0], ratios[0], ratios[0]
-    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    # inclusive: quartiles stay within the measured ratios (the default extrapolates past them on few
+    # repeats, down to negative 'ratios' on a loaded machine)
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return median, q1, q3
 
 
