@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,12 @@ def test_bad_rank_in_config(two_adapters):
         LoraPool.load(two_adapters)
 
 
+def _patch_config(adapter: Path, patch: dict) -> None:
+    """Overwrite keys of one adapter's adapter_config.json."""
+    config_file = adapter / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **patch}))
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -69,10 +76,7 @@ def test_bad_rank_in_config(two_adapters):
     ],
 )
 def test_alpha_too_large_for_the_dtype(two_adapters, patch, message):
-    config_file = two_adapters[0] / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config.update(patch)
-    config_file.write_text(json.dumps(config))
+    _patch_config(two_adapters[0], patch)
     with pytest.raises(ValueError, match=message):
         LoraPool.load(two_adapters)
 
@@ -207,10 +211,7 @@ def test_non_finite_adapter_weights_name_the_file_and_tensor(two_adapters, bad):
     ],
 )
 def test_bad_rank_or_alpha_pattern_names_the_key_and_value(two_adapters, patch, message):
-    config_file = two_adapters[0] / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config.update(patch)
-    config_file.write_text(json.dumps(config))
+    _patch_config(two_adapters[0], patch)
     with pytest.raises(ValueError, match=message):
         LoraPool.load(two_adapters)
 
