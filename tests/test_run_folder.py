@@ -226,6 +226,19 @@ def test_resume_may_extend_the_run(run_assets, finished, tmp_path):
     assert json.loads((run / "config.json").read_text())["num_rounds"] == 3
 
 
+def test_resume_refuses_to_discard_recorded_rounds_whose_checkpoints_are_gone(run_assets, finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    config = tiny_run_config(run_assets, run, "smartfed", topk_experts=4)
+    (run / "checkpoints" / "round_0002.safetensors").unlink()
+    RunFolder(run).check_resume(config)  # a crash between round 2's metrics line and its checkpoint: redo round 2
+    (run / "checkpoints" / "round_0001.safetensors").unlink()
+    before = _snapshot(run)
+    code, lines = _cli("run", "--resume", str(run))
+    assert code == 2 and len(lines) == 1, lines
+    assert "records rounds up to 2" in lines[0] and "round 0" in lines[0] and str(run) in lines[0], lines
+    assert _snapshot(run) == before
+
+
 def test_resume_checks_the_adapters_by_their_weights(run_assets, finished, tmp_path):
     run = _copy(finished, tmp_path)
     moved = [Path(shutil.copytree(p, tmp_path / f"moved_{i}")) for i, p in enumerate(run_assets["pool"].split(","))]

@@ -244,6 +244,23 @@ class RunFolder:
                 f"--resume {self.path}: these settings differ from its {CONFIG_FILE}: {shown}; "
                 f"a resume may change only {sorted(RESUME_MAY_CHANGE)} (start a new run in another folder)"
             )
+        self._check_checkpoints_cover_metrics()
+
+    def _check_checkpoints_cover_metrics(self) -> None:
+        """A resume continues from the last checkpoint and redoes at most the one round after it.
+
+        A round's metrics line is written before its checkpoint, so a crash can leave one
+        recorded round without a checkpoint; more than one means checkpoints were removed,
+        and resuming would throw recorded rounds away.
+        """
+        recorded = max((int(row.get("round", 0)) for row in self.read_metrics()), default=0)
+        last = self.last_checkpoint()
+        if recorded > last + 1:
+            raise ValueError(
+                f"--resume {self.path}: {METRICS_FILE} records rounds up to {recorded} but the last checkpoint "
+                f"in {CHECKPOINTS}/ is of round {last}; resuming would discard recorded rounds "
+                "(start a new run in another folder)"
+            )
 
     def check_run(self, config: RunConfig, *, resume: bool, overwrite: bool = False, pool: Any = None) -> None:
         """Read-only: may ``config`` start (``resume=False``) or continue (``resume=True``) here."""
