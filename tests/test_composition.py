@@ -73,6 +73,16 @@ def test_config_validation():
         CompositionConfig(seeds="a")
     with pytest.raises(ValueError, match="num_rounds=0"):
         CompositionConfig(num_rounds=0)
+    with pytest.raises(ValueError, match="wire_dtype='int8'"):
+        CompositionConfig(wire_dtype="int8")
+
+
+def test_the_demo_passes_its_wire_dtype_to_the_federated_runs(tmp_path):
+    from smartfed.composition import _run_config
+
+    for wire in ("float32", "bfloat16"):
+        run = _run_config(CompositionConfig(wire_dtype=wire), 0, "a,b", "fedit", tmp_path / wire)
+        assert run.wire_dtype == wire and run.method == "fedit"
 
 
 def test_sum_merge_is_both_adapters_at_once(tmp_path):

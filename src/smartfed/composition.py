@@ -78,6 +78,10 @@ class CompositionConfig:
     eval_every: int = field(
         default=2, metadata={"help": "Rounds between held-out evaluations (plots); the last round always."}
     )
+    wire_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the federated runs' states travel in, both ways (smartfed run --wire_dtype)."},
+    )
     controls: bool = field(default=False, metadata={"help": "Also run the controls (continued FT, static gate)."})
     out: str = field(default="runs/demo", metadata={"help": "Output folder."})
 
@@ -90,6 +94,9 @@ class CompositionConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.num_test < 20:
             raise ValueError(f"num_test={self.num_test!r}: at least 20 held-out items")
+        wire_dtypes = ("float32", "bfloat16", "float16")
+        if self.wire_dtype not in wire_dtypes:
+            raise ValueError(f"wire_dtype={self.wire_dtype!r} is not one of {list(wire_dtypes)}")
         self.seed_list()
 
     def seed_list(self) -> list[int]:
@@ -199,6 +206,7 @@ def _run_config(config: CompositionConfig, seed: int, pool: str, method: str, ou
         eval_every=config.eval_every,
         seed=seed,
         client_threads=1,
+        wire_dtype=config.wire_dtype,
         output_dir=str(out),
     )
 
