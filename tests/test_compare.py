@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from smartfed import compare as compare_module
@@ -163,6 +164,8 @@ def test_compare_runs_each_method_and_seed_once_on_identical_settings(tmp_path, 
         folder = RunFolder(config.output_dir)
         folder.write_config(config.to_dict())
         folder.write_metrics(rows)
+        for r in (1, 2):  # like a real run: a checkpoint per recorded round, so a longer run may resume it
+            folder.save_checkpoint(r, {"w": torch.zeros(1)}, {})
         folder.write_summary({"method": config.method})
 
     import smartfed.fl.simulation as simulation

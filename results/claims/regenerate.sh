@@ -5,14 +5,14 @@
 # Usage: results/claims/regenerate.sh [json_math|spanish_math ...]   (default: both)
 #        PARTS="core variants routers methods" selects what runs (default: all four; core is SmartFed and
 #        FedIT, what every cost claim needs, methods the other ten); PARTS=none only rebuilds
-#        the tables from the committed run records in results/claims/runs/ (seconds).
+#        the tables from the committed run records in results/claims/records/ (seconds).
 #
 # Time on 2 CPU cores: 4-5 min per federated run (merge 1.5, lorahub 3). A composite is 12 methods and 3
 # SmartFed variants over 3 seeds, plus the router study (json_math: 3 variants, spanish_math: 1), 54 and 48
 # runs: about 4 h each. Finished runs are reused and cut ones resumed, so an interrupted regeneration goes on
 # where it stopped. Run folders go to runs/claims/ (not committed); what the claims read of each finished run
 # (config.json, summary.json, metrics.jsonl with the per-item scores of every round) is copied to
-# results/claims/runs/, committed, and the tables are built from there.
+# results/claims/records/, committed, and the tables are built from there.
 #
 # The committed SmartFed and FedIT records are the runs of results/demo_json_math and
 # results/demo_spanish_math (the same settings; their config.json names the pool as `zoo:json,zoo:math`,
@@ -27,7 +27,7 @@ SMARTFED=${SMARTFED:-.venv/bin/smartfed}
 PYTHON=${PYTHON:-.venv/bin/python}
 PARTS=${PARTS:-core variants routers methods}
 COMPOSITES=("${@:-json_math spanish_math}")
-RECORDS=results/claims/runs
+RECORDS=results/claims/records
 declare -A POOL=([json_math]=zoo:json,zoo:math [spanish_math]=zoo:spanish,zoo:math)
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }

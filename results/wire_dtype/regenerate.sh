@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates results/wire_dtype/: what `--wire_dtype bfloat16` (every state crosses the wire in bfloat16,
 # both ways) does to the scores against the float32 default, for SmartFed and FedIT on json_math and
-# spanish_math, 3 seeds, in the demo's setting. The float32 runs are those of results/claims/runs (run
+# spanish_math, 3 seeds, in the demo's setting. The float32 runs are those of results/claims/records (run
 # results/claims/regenerate.sh first, or use its committed records); this runs the bfloat16 ones.
 # Needs `make demo`'s install. Time on 2 CPU cores: 12 runs, about 55 min; the comparison itself takes
 # seconds (PARTS=none: only the tables, from the committed records).
@@ -26,7 +26,7 @@ for COMP in json_math spanish_math; do
 done
 for DIR in runs/wire_dtype/*/*/seed*; do  # the records the comparison reads, committed
   [ -f "$DIR/summary.json" ] || continue
-  DEST=results/wire_dtype/runs/${DIR#runs/wire_dtype/}
+  DEST=results/wire_dtype/records/${DIR#runs/wire_dtype/}
   mkdir -p "$DEST"
   cp "$DIR/config.json" "$DIR/summary.json" "$DIR/metrics.jsonl" "$DEST/"
 done
@@ -37,8 +37,8 @@ done
     echo "## $COMP"
     for SYSTEM in smartfed fedit; do
       echo
-      $PYTHON benchmarks/variants.py "${SYSTEM}_float32=results/claims/runs/$COMP/$SYSTEM" \
-        "${SYSTEM}_bfloat16=results/wire_dtype/runs/$COMP/$SYSTEM" --reference "${SYSTEM}_float32"
+      $PYTHON benchmarks/variants.py "${SYSTEM}_float32=results/claims/records/$COMP/$SYSTEM" \
+        "${SYSTEM}_bfloat16=results/wire_dtype/records/$COMP/$SYSTEM" --reference "${SYSTEM}_float32"
     done
   done
 } > results/wire_dtype/table.md.tmp
