@@ -46,10 +46,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from smartfed.benchmarking import cpu_jiffies as _cpu_jiffies
-from smartfed.benchmarking import machine_line as machine
-from smartfed.benchmarking import others_share as _others_share
-from smartfed.benchmarking import spread as _spread
+from smartfed.benchmark.timing import cpu_jiffies as _cpu_jiffies
+from smartfed.benchmark.timing import machine_line as machine
+from smartfed.benchmark.timing import others_share as _others_share
+from smartfed.benchmark.timing import spread as _spread
 from smartfed.more import LoraPool, MoreConfig, attach_more
 
 TARGET = 0.8  # routed / merged tokens/s at batch 1

@@ -31,10 +31,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from smartfed.benchmarking import cpu_jiffies as _cpu_jiffies
-from smartfed.benchmarking import machine_line as machine
-from smartfed.benchmarking import others_share as _others_share
-from smartfed.benchmarking import spread as _spread
+from smartfed.benchmark.timing import cpu_jiffies as _cpu_jiffies
+from smartfed.benchmark.timing import machine_line as machine
+from smartfed.benchmark.timing import others_share as _others_share
+from smartfed.benchmark.timing import spread as _spread
 from smartfed.more.config import MoreConfig
 from smartfed.more.layer import MoreLinear
 from smartfed.more.pool import PoolModule

@@ -64,9 +64,9 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smartfed.benchmarking import cpu_jiffies as _cpu_jiffies
-from smartfed.benchmarking import machine_line as machine
-from smartfed.benchmarking import others_share as _others_share
+from smartfed.benchmark.timing import cpu_jiffies as _cpu_jiffies
+from smartfed.benchmark.timing import machine_line as machine
+from smartfed.benchmark.timing import others_share as _others_share
 from smartfed.more import LoraPool, MoreConfig, MoreModel, attach_more
 
 # SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json).

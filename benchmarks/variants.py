@@ -5,7 +5,7 @@
 Each FOLDER holds ``seed<k>/`` run folders (``smartfed compare`` and results/claims/regenerate.sh write
 ``<out>/<system>/seed<k>/``). For every system: the final held-out score per seed, mean ± sample std over
 seeds, the paired difference to the reference over the seeds both ran (the items are shared, so one
-bootstrap draw of items re-scores both systems on every seed: ``smartfed.claims.bootstrap``), and what
+bootstrap draw of items re-scores both systems on every seed: ``smartfed.benchmark.claims.bootstrap``), and what
 one client sends and receives per round (up + down, mean over rounds). Used for the router study and
 the wire dtype (results/claims, results/wire_dtype); seconds are not compared here.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smartfed.claims import Run, bootstrap
-from smartfed.report import load_run
+from smartfed.benchmark.claims import Run, bootstrap
+from smartfed.benchmark.report import load_run
 
 
 def load_system(folder: Path) -> dict[int, Run]:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--reference {args.reference!r} is not one of the labels {sorted(systems)}")
     text = table(systems, args.reference)
     if args.output:
-        from smartfed.fl.run_folder import atomic_write_bytes
+        from smartfed.run.folder import atomic_write_bytes
 
         atomic_write_bytes(args.output, text.encode())
     sys.stdout.write(text)

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 if TYPE_CHECKING:
-    from smartfed.fl.run_config import RunConfig
+    from smartfed.run.config import RunConfig
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,7 +108,7 @@ def run_assets(tmp_path_factory) -> dict[str, str]:
 
 def tiny_run_config(assets: dict[str, str], out: Path, method: str, **overrides: object) -> RunConfig:
     """A 2-round, 3-client, 2-sampled run of `method` on the tiny assets; `overrides` replace any field."""
-    from smartfed.fl.run_config import RunConfig
+    from smartfed.run.config import RunConfig
 
     values = dict(
         model_name_or_path=assets["model"],

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smartfed.claims import composite_claims, load_systems, main, verdict
+from smartfed.benchmark.claims import composite_claims, load_systems, main, verdict
 
 N = 200  # held-out items
 

@@ -73,7 +73,7 @@ def test_typer_never_prints_local_variables():
     ],
 )
 def test_run_config_refuses_values_that_cannot_train(field, value, message):
-    from smartfed.fl.run_config import RunConfig
+    from smartfed.run.config import RunConfig
 
     with pytest.raises(ValueError, match=re.escape(message)):
         RunConfig(**{field: value})

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import smartfed.inference
+import smartfed.serving.inference
 from smartfed.cli import app
-from smartfed.export import check_rank
-from smartfed.fl.run_folder import RunFolder
 from smartfed.more import LoraPool, MoreConfig, attach_more
+from smartfed.run.folder import RunFolder
+from smartfed.serving.export import check_rank
 
 from .conftest import tiny_llama
 from .test_inference import finished_run
@@ -74,7 +74,7 @@ def test_a_key_error_is_one_line_naming_the_key(monkeypatch, tmp_path):
     def missing(*args, **kwargs):
         raise KeyError("model.layers.0.self_attn.q_proj.router.weight")
 
-    monkeypatch.setattr(smartfed.inference, "load", missing)
+    monkeypatch.setattr(smartfed.serving.inference, "load", missing)
     result = CliRunner().invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert _error_line(result.output) == "error: KeyError: 'model.layers.0.self_attn.q_proj.router.weight'"

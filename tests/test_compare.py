@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from smartfed import compare as compare_module
+from smartfed.benchmark import compare as compare_module
+from smartfed.benchmark.report import human_bytes, write_report
 from smartfed.cli import app
-from smartfed.fl.run_config import RunConfig
-from smartfed.fl.run_folder import RunFolder
-from smartfed.report import human_bytes, write_report
+from smartfed.run.config import RunConfig
+from smartfed.run.folder import RunFolder
 
 ESTIMATE = "codecarbon estimate: TDP x CPU load, no RAPL (not a measurement)"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from smartfed.composition import (
+from smartfed.benchmark.runner import (
     CompositionConfig,
     paired_bootstrap,
     render_markdown,
@@ -78,7 +78,7 @@ def test_config_validation():
 
 
 def test_the_demo_passes_its_wire_dtype_to_the_federated_runs(tmp_path):
-    from smartfed.composition import _run_config
+    from smartfed.benchmark.runner import _run_config
 
     for wire in ("float32", "bfloat16"):
         run = _run_config(CompositionConfig(wire_dtype=wire), 0, "a,b", "fedit", tmp_path / wire)

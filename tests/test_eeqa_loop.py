@@ -13,8 +13,8 @@ import torch
 
 from smartfed import LoraPool, MoreConfig, attach_more
 from smartfed.eeqa import allocate_quotas, optimal_quotas
-from smartfed.fl.run_config import RunConfig
 from smartfed.methods import get_method_class, load_builtin_methods
+from smartfed.run.config import RunConfig
 
 from .conftest import make_adapter, run_in_process, tiny_llama, tiny_run_config
 

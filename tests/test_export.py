@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from smartfed.cli import app
-from smartfed.export import REPORT_FILE, calibration_batches, export_peft, low_rank_factors, mean_gates
 from smartfed.more import LoraPool, MoreConfig, attach_more
+from smartfed.serving.export import REPORT_FILE, calibration_batches, export_peft, low_rank_factors, mean_gates
 
 from .conftest import tiny_llama
 from .test_inference import finished_run
@@ -117,7 +117,7 @@ def test_existing_output_is_refused_unless_overwrite(two_adapters, tmp_path):
 
 
 def test_calibration_batches_are_unpadded(fed):
-    from smartfed.inference import load
+    from smartfed.serving.inference import load
 
     loaded = load(fed["run"])
     batches = list(calibration_batches(loaded.tokenizer, ["1+2=", "10*12="], ["3", "120"]))

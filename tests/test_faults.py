@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from smartfed.fl import keys
 from smartfed.fl.client_app import make_client_app
-from smartfed.fl.run_config import RunConfig
 from smartfed.fl.server_app import run_server
 from smartfed.fl.validation import Candidate, ReplyRules, check_candidate, validate
 from smartfed.methods.aggregation import (
@@ -27,6 +26,7 @@ from smartfed.methods.aggregation import (
     trimmed_mean,
     weighted_mean,
 )
+from smartfed.run.config import RunConfig
 
 from .conftest import save_tiny_assets
 from .local_grid import LOST, LocalGrid

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from smartfed.cli import app
-from smartfed.fl.run_config import RunConfig
 from smartfed.fl.simulation import run_simulation
+from smartfed.run.config import RunConfig
 
 from .conftest import save_tiny_assets
 

@@ -6,7 +6,7 @@ import os
 import stat
 
 from smartfed.files import sibling_temp_dir, sibling_temp_file
-from smartfed.fl.run_folder import atomic_write_bytes
+from smartfed.run.folder import atomic_write_bytes
 
 
 def test_atomic_write_follows_the_umask(tmp_path):

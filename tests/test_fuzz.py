@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from smartfed.cli import app
 from smartfed.data import load_task
-from smartfed.fl.run_config import RunConfig
 from smartfed.more import LoraPool
+from smartfed.run.config import RunConfig
 
 from .conftest import save_tiny_assets
 

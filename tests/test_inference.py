@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 import smartfed
 from smartfed.cli import app
-from smartfed.fl.run_config import RunConfig
-from smartfed.fl.run_folder import RunFolder
 from smartfed.fl.simulation import run_simulation
 from smartfed.more import LoraPool, MoreConfig, attach_more
+from smartfed.run.config import RunConfig
+from smartfed.run.folder import RunFolder
 
 from .conftest import save_tiny_assets
 

@@ -37,7 +37,7 @@ THREADS = 1
 SERVER = """
 import json, sys
 from smartfed.fl.client_app import make_client_app
-from smartfed.fl.run_config import RunConfig
+from smartfed.run.config import RunConfig
 from smartfed.fl.server_app import run_server
 from tests.local_grid import LocalGrid
 config = RunConfig.from_dict(json.loads(sys.argv[1]))

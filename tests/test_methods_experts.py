@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from smartfed.fl.run_config import RunConfig
 from smartfed.methods import ClientUpdate, LocalTrainConfig, get_method_class, list_methods, load_builtin_methods
 from smartfed.methods.a3smoe import activation_aware_weights, client_top_k
 from smartfed.methods.ablations import ABLATIONS
@@ -18,6 +17,7 @@ from smartfed.methods.fedlease import CLUSTER_KEY, FedLeaseLinear, cluster_clien
 from smartfed.methods.lorahub import LorahubOptions, LorahubSearch
 from smartfed.methods.merge import MergeOptions, merge_pool
 from smartfed.more import LoraPool
+from smartfed.run.config import RunConfig
 
 from .conftest import make_adapter, run_in_process, tiny_llama, tiny_run_config
 

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from smartfed.data import char_tokenizer, load_task
 from smartfed.eval import evaluate_task
-from smartfed.fl.run_config import RunConfig
 from smartfed.fl.simulation import run_simulation
 from smartfed.methods import ClientUpdate, LocalTrainConfig, get_method_class, load_builtin_methods
 from smartfed.methods.flora import stack_lora
 from smartfed.methods.lora_common import client_rank, lora_layers, lora_state, truncate_state
+from smartfed.run.config import RunConfig
 
 from .conftest import run_in_process, tiny_llama, tiny_run_config
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from smartfed.fl import keys
 from smartfed.fl.client_app import make_client_app
 from smartfed.fl.privacy import KEY_CLIPPING_NORM, _delta_of_epsilon, clip_state, epsilon
-from smartfed.fl.run_config import RunConfig
 from smartfed.methods.aggregation import delta_norm
+from smartfed.run.config import RunConfig
 
 from .test_faults import _rows, _run, assets, make_config  # noqa: F401 (assets is a fixture)
 

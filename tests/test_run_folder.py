@@ -23,7 +23,10 @@ from typer.testing import CliRunner
 
 from smartfed.cli import app
 from smartfed.fl.client_app import make_client_app
-from smartfed.fl.run_folder import (
+from smartfed.fl.server_app import run_server
+from smartfed.methods import get_method_class, load_builtin_methods
+from smartfed.more import LoraPool
+from smartfed.run.folder import (
     CHECKSUM_KEY,
     LOCK_FILE,
     PAYLOAD_KEY,
@@ -32,9 +35,6 @@ from smartfed.fl.run_folder import (
     enclosing_run_folder,
     is_run_folder,
 )
-from smartfed.fl.server_app import run_server
-from smartfed.methods import get_method_class, load_builtin_methods
-from smartfed.more import LoraPool
 
 from .conftest import run_in_process, tiny_run_config
 from .local_grid import LocalGrid
@@ -141,7 +141,7 @@ def test_cli_overwrite_replaces_a_finished_run(run_assets, finished, tmp_path):
 # --- §1 the lock: one live run per folder --------------------------------------------------------------
 HOLDER = """
 import sys, time
-from smartfed.fl.run_folder import RunFolder
+from smartfed.run.folder import RunFolder
 with RunFolder(sys.argv[1]).lock():
     print("locked", flush=True)
     time.sleep(120)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from smartfed.fl.run_config import RunConfig
 from smartfed.fl.wire import decode, encode, wire_bytes
+from smartfed.run.config import RunConfig
 
 from .conftest import run_in_process, tiny_run_config
 

@@ -83,7 +83,7 @@ for DIR in runs/claims/*/*/seed*; do
   mkdir -p "$DEST"
   cp "$DIR/config.json" "$DIR/summary.json" "$DIR/metrics.jsonl" "$DEST/"
 done
-$PYTHON -m smartfed.claims "$RECORDS" --output results/claims
+$PYTHON -m smartfed.benchmark.claims "$RECORDS" --output results/claims
 # Every method side by side per composite (the report groups runs by method, so the SmartFed variants,
 # which are method smartfed with other settings, stay out of it: benchmarks/variants.py compares those).
 METHODS="smartfed smartfed_module mole a3smoe merge lorahub fedit flora flexlora hetlora fedsa fedlease"

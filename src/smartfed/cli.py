@@ -60,7 +60,7 @@ def _demo(
 
         run_demo(Console(), seed=seed)
         return
-    from .composition import CompositionConfig, run_composition
+    from .benchmark.runner import CompositionConfig, run_composition
 
     try:
         config = CompositionConfig(**values)
@@ -73,7 +73,7 @@ def _demo(
 
 
 def _demo_signature() -> inspect.Signature:
-    from .composition import CompositionConfig
+    from .benchmark.runner import CompositionConfig
 
     base = [
         p
@@ -125,7 +125,7 @@ def _error_exit(err: BaseException | str, debug: bool = False) -> NoReturn:
 
 def _run_options() -> list[inspect.Parameter]:
     """One CLI option per RunConfig field, spelled as in the paper's reference CLI (--num_rounds)."""
-    from .fl.run_config import RunConfig
+    from .run.config import RunConfig
 
     params = []
     for f in fields(RunConfig):
@@ -153,9 +153,10 @@ def _run(
     """Run a federation on Flower's simulation engine; writes a run folder under --output_dir."""
     from contextlib import ExitStack
 
-    from .fl.run_config import RunConfig
-    from .fl.run_folder import RunFolder
     from .fl.simulation import run_simulation
+    from .methods import check_sources
+    from .run.config import RunConfig
+    from .run.folder import RunFolder
 
     stack = ExitStack()  # holds the run folder's lock from the checks to the end of the run
     try:
@@ -172,7 +173,7 @@ def _run(
                 f"--resume {resume} with --output_dir {run_config.output_dir}: a resume continues the run in its "
                 "own folder (drop --output_dir, or start a new run there without --resume)"
             )
-        run_config.require_sources()
+        check_sources(run_config)
         if resume is not None:  # a damaged run folder fails here, not inside Flower
             folder = RunFolder(resume)
             folder.read_metrics()
@@ -201,7 +202,7 @@ def _check_paths(config, methods: Optional[list[str]] = None) -> Any:
 
     from .methods import get_method_class, load_builtin_methods
     from .more import LoraPool
-    from .zoo import resolve_pool
+    from .run.pools import resolve_pool
 
     load_builtin_methods()
     runners = [get_method_class(name)(replace(config, method=name)) for name in methods or [config.method]]
@@ -327,8 +328,9 @@ def _compare(
     **flags: Any,
 ) -> None:
     """Run methods × seeds on identical partitions into <output_dir>/<method>/seed<k>/, then write comparison.md."""
-    from .compare import check_outputs, compare, parse_methods, plan, seed_list
-    from .fl.run_config import RunConfig
+    from .benchmark.compare import check_outputs, compare, parse_methods, plan, seed_list
+    from .methods import check_sources
+    from .run.config import RunConfig
 
     try:
         values: dict[str, Any] = {"output_dir": "runs/compare"}
@@ -338,7 +340,7 @@ def _compare(
         base = RunConfig.from_dict(values, source=str(config or "flags"))
         names = parse_methods(methods)
         seed_values = seed_list(base.seed, seeds)
-        base.require_sources()
+        check_sources(base)
         _check_paths(base, methods=names)
         check_outputs(plan(base, names, seed_values, base.output_dir))  # no run folder is mixed or overwritten
     except (ValueError, OSError) as err:
@@ -383,7 +385,7 @@ def report_command(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Rebuild comparison.md (mean ± std over seeds per method) and the plots from finished run folders."""
-    from .report import default_output, write_report
+    from .benchmark.report import default_output, write_report
 
     try:
         output = output if output is not None else default_output(dirs)
@@ -411,7 +413,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 def _load_run(run_dir: Path, round_: int | None, pool: str | None, debug: bool):
     from transformers.utils import logging as hf_logging
 
-    from .inference import load
+    from .serving.inference import load
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the answer
     try:
@@ -504,7 +506,7 @@ def eval_command(
     from .data import load_task
     from .eval import generate_answers
     from .eval.programs import per_example_scores
-    from .fl.run_folder import atomic_write_bytes, atomic_write_json
+    from .run.folder import atomic_write_bytes, atomic_write_json
 
     loaded = _load_run(run_dir, round_, pool, debug)
     config = loaded.config
@@ -565,7 +567,7 @@ def export_command(
     debug: DebugOpt = False,
 ) -> None:
     """Export the routed mixture of a finished run as a static PEFT LoRA adapter of rank R, and score what it costs."""
-    from .export import check_output, compare_scores, export_run, write_report
+    from .serving.export import check_output, compare_scores, export_run, write_report
 
     if to != "peft":
         _error_exit(f"--to {to!r}: the only export format is 'peft'")

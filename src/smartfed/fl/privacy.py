@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, compute_stdv
 
-from .run_config import RunConfig
+from ..run.config import RunConfig
 
 __all__ = ["KEY_CLIPPING_NORM", "clip_state", "dp_strategy", "epsilon", "round_log"]
 

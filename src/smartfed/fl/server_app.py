@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 from ..errors import RunFailed
 from ..eval import evaluate_task
 from ..methods import ClientUpdate
+from ..run.config import RunConfig
+from ..run.folder import RunFolder
 from . import keys, privacy, secagg
 from .energy import EnergyMeter
-from .run_config import RunConfig
-from .run_folder import RunFolder
 from .runtime import Runtime, get_runtime
 from .strategy import SmartFedStrategy, combine_for
 from .validation import Candidate, ReplyRules, validate

@@ -7,9 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..run.config import RunConfig
+from ..run.folder import RunFolder
 from .client_app import make_client_app
-from .run_config import RunConfig
-from .run_folder import RunFolder
 from .server_app import make_server_app
 
 

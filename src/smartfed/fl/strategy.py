@@ -29,9 +29,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from ..methods import ClientUpdate, Combine, Method, weighted_mean
 from ..methods.aggregation import coordinate_median, norm_clipped, trimmed_mean
+from ..run.config import RunConfig
+from ..run.seeds import derive_seed
 from . import keys
-from .run_config import RunConfig
-from .runtime import derive_seed
 from .validation import Candidate
 from .wire import decode as wire_decode
 from .wire import encode as wire_encode

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fl.run_config import RunConfig
 from ..more import MoreModel
+from ..run.config import RunConfig
 from .aggregation import Combine, weighted_mean
 from .base import ClientUpdate, LocalResult, LocalTrainConfig, ServerUpdate, parse_options
 from .registry import register_method

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..fl.run_config import RunConfig
 from ..more import LoraPool, MoreConfig, Router, top_k_gates
+from ..run.config import RunConfig
 from .base import LocalTrainConfig
 from .mole import AdapterGatedLinear, GatedAdapterMethod, checked_base_layer, freeze, replace_module
 from .registry import register_method

@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fl.run_config import RunConfig
-from ..fl.runtime import derive_seed
 from ..more import LoraPool
 from ..more.layer import base_layer_features
+from ..run.config import RunConfig
+from ..run.seeds import derive_seed
 from .aggregation import Combine, weighted_mean
 from .base import ClientUpdate, LocalResult, LocalTrainConfig, Method, ServerUpdate, parse_options
 from .mole import freeze, replace_module

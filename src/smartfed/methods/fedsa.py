@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..fl.run_config import RunConfig
+from ..run.config import RunConfig
 from .base import LocalResult, LocalTrainConfig, ServerUpdate, parse_options
 from .lora_common import B_SUFFIX, LoraMethod, load_lora_state, lora_state
 from .registry import register_method

@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..fl.runtime import derive_seed
 from ..more import LoraPool
+from ..run.seeds import derive_seed
 from .aggregation import Combine, weighted_mean
 from .base import ClientUpdate, LocalTrainConfig, ServerUpdate
 from .lora_common import (

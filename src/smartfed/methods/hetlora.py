@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..fl.run_config import RunConfig
+from ..run.config import RunConfig
 from .aggregation import Combine, weighted_mean
 from .base import ClientUpdate, LocalResult, LocalTrainConfig, ServerUpdate, parse_options
 from .lora_common import (

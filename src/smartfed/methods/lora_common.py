@@ -25,8 +25,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..fl.run_config import RunConfig
 from ..more import LoraPool
+from ..run.config import RunConfig
 from .base import LocalResult, LocalTrainConfig, Method
 
 ADAPTER = "default"

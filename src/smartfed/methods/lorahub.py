@@ -33,8 +33,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from ..fl.run_config import RunConfig
 from ..more import LoraPool
+from ..run.config import RunConfig
 from .base import LocalResult, LocalTrainConfig, Method, ServerUpdate, parse_options
 from .registry import register_method
 

@@ -23,8 +23,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from ..fl.run_config import RunConfig
 from ..more import LoraPool
+from ..run.config import RunConfig
 from .base import LocalResult, LocalTrainConfig, Method, parse_options
 from .registry import register_method
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fl.run_config import RunConfig
 from ..more import LoraPool, PoolModule
 from ..more.layer import base_layer_features
+from ..run.config import RunConfig
 from .base import Method, parse_options
 from .registry import register_method
 

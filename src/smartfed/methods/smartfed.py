@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..eeqa import allocate_quotas, client_budget
-from ..fl.run_config import RunConfig
 from ..more import LoraPool, MoreConfig, MoreModel, attach_more
+from ..run.config import RunConfig
 from .base import LocalResult, LocalTrainConfig, Method, ServerUpdate
 from .registry import register_method
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fl.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, atomic_write_bytes, atomic_write_json
+from ..run.folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, atomic_write_bytes, atomic_write_json
 
 COMPARISON_MD = "comparison.md"
 COMPARISON_JSON = "comparison.json"

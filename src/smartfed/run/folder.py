@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..files import sibling_temp_file
 
 if TYPE_CHECKING:
-    from .run_config import RunConfig
+    from .config import RunConfig
 
 try:
     import fcntl
@@ -214,7 +214,7 @@ class RunFolder:
         A folder without config.json may be resumed only when it is empty (a run killed
         before writing anything starts afresh).
         """
-        from .run_config import RunConfig
+        from .config import RunConfig
 
         if not (self.path / CONFIG_FILE).is_file():
             if self.entries():
@@ -228,7 +228,7 @@ class RunFolder:
         differ = [k for k in wanted if k not in RESUME_MAY_CHANGE and saved.get(k) != wanted[k]]
         if pool is None and "lora_pool" in differ and config.lora_pool and (self.path / POOL_FILE).is_file():
             from ..more import LoraPool  # other folders may hold the same adapters: compare their weights
-            from ..zoo import resolve_pool
+            from .pools import resolve_pool
 
             pool = LoraPool.load(resolve_pool(config.lora_pool))
         if pool is not None and (self.path / POOL_FILE).is_file():

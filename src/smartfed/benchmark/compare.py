@@ -20,14 +20,14 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .fl.run_config import RunConfig
-from .fl.run_folder import CONFIG_FILE, SUMMARY_FILE, RunFolder
+from ..run.config import RunConfig
+from ..run.folder import CONFIG_FILE, SUMMARY_FILE, RunFolder
 from .report import write_report
 
 
 def parse_methods(text: str) -> list[str]:
     """``"fedit, flora"`` → registered method names, in order, each once; unknown names fail."""
-    from .methods import get_method_class, load_builtin_methods
+    from ..methods import get_method_class, load_builtin_methods
 
     load_builtin_methods()
     names = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
@@ -105,8 +105,8 @@ def compare(
 
     ``on_run(config, reused)`` is called before each run (for progress lines).
     """
-    from .errors import RunFailed
-    from .fl.simulation import run_simulation
+    from ..errors import RunFailed
+    from ..fl.simulation import run_simulation
 
     configs = plan(base, methods, seeds, out)
     check_outputs(configs)

@@ -45,10 +45,10 @@ from peft import PeftModel
 from rich.console import Console
 from rich.table import Table
 
-from .data import batches, load_task
-from .data.composite import COMPOSITES, SKILLS
-from .eval.generate import generate_answers
-from .eval.programs import per_example_scores
+from ..data import batches, load_task
+from ..data.composite import COMPOSITES, SKILLS
+from ..eval.generate import generate_answers
+from ..eval.programs import per_example_scores
 
 MAX_NEW_TOKENS = 16
 EVAL_BATCH = 32
@@ -181,7 +181,7 @@ def static_systems(base: torch.nn.Module, adapters: dict[str, str]) -> dict[str,
 
 
 def _run_config(config: CompositionConfig, seed: int, pool: str, method: str, out: Path) -> Any:
-    from .fl.run_config import RunConfig
+    from ..run.config import RunConfig
 
     lora = method != "smartfed"
     return RunConfig(
@@ -213,8 +213,8 @@ def _run_config(config: CompositionConfig, seed: int, pool: str, method: str, ou
 
 def federated_run(config: CompositionConfig, seed: int, pool: str, method: str, out: Path) -> dict[str, Any]:
     """One Flower simulation; returns its metrics rows, the loaded final model and its wall time."""
-    from .fl.simulation import run_simulation
-    from .inference import load
+    from ..fl.simulation import run_simulation
+    from ..serving.inference import load
 
     started = time.monotonic()
     # out is the demo's own <out>/seed<k>/<method> folder: a rerun replaces the previous run there
@@ -265,7 +265,7 @@ def static_gate(
     base: torch.nn.Module, pool: Any, train: Any, tokenizer: Any, config: CompositionConfig, seed: int
 ) -> torch.nn.Module:
     """MoRE whose router sees no input: weights frozen at zero, only the per-expert bias is learnt."""
-    from .more import MoreConfig, attach_more
+    from ..more import MoreConfig, attach_more
 
     more = attach_more(
         copy.deepcopy(base),
@@ -293,9 +293,9 @@ def static_gate(
 
 def run_composition(config: CompositionConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the benchmark for every seed; write results.json, table.md and the plot; return the results."""
-    from .fl.runtime import load_model_and_tokenizer
-    from .more import LoraPool
-    from .zoo import default_zoo_dir, read_manifest
+    from ..models import load_model_and_tokenizer
+    from ..more import LoraPool
+    from ..zoo import default_zoo_dir, read_manifest
 
     console = console or Console()
     out = Path(config.out).expanduser()

@@ -36,11 +36,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .fl.run_config import RunConfig
-from .fl.run_folder import CHECKPOINTS, CONFIG_FILE, POOL_FILE, RunFolder
-from .more import LoraPool, MoreConfig, MoreModel, attach_more
-from .more.model import ROUTER_CONFIG_KEY, ROUTER_EXPERTS_KEY, ROUTER_QUOTAS_KEY
-from .zoo import resolve_pool
+from ..more import LoraPool, MoreConfig, MoreModel, attach_more
+from ..more.model import ROUTER_CONFIG_KEY, ROUTER_EXPERTS_KEY, ROUTER_QUOTAS_KEY
+from ..run.config import RunConfig
+from ..run.folder import CHECKPOINTS, CONFIG_FILE, POOL_FILE, RunFolder
+from ..run.pools import resolve_pool
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -176,8 +176,9 @@ def load(
             "smartfed.load takes a run folder; for a model, a pool and a router file use "
             "smartfed.load_router_file(model, pool, router_file)"
         )
-    from .fl.runtime import derive_seed, load_model_and_tokenizer
-    from .methods import get_method_class, load_builtin_methods
+    from ..methods import get_method_class, load_builtin_methods
+    from ..models import load_model_and_tokenizer
+    from ..run.seeds import derive_seed
 
     folder, config = _run_folder(run_dir)
     server_round = _checkpoint_round(folder, checkpoint)
@@ -262,7 +263,7 @@ def load_router_file(
                     f"the pool gives it {module.num_experts} (another pool, or adapters in another order?)"
                 )
     if isinstance(model, (str, os.PathLike)):
-        from .fl.runtime import load_model_and_tokenizer
+        from ..models import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(str(model))
     more = attach_more(model, lora_pool, config)

@@ -256,12 +256,12 @@ def render(results: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m smartfed.claims RUNS_ROOT --output DIR``: table.md and claims.json from ``RUNS_ROOT/<composite>/``."""
+    """``python -m smartfed.benchmark.claims RUNS_ROOT --output DIR``: table.md and claims.json from ``RUNS_ROOT/<composite>/``."""
     import argparse
 
-    from .fl.run_folder import atomic_write_bytes, atomic_write_json
+    from ..run.folder import atomic_write_bytes, atomic_write_json
 
-    parser = argparse.ArgumentParser(prog="python -m smartfed.claims", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m smartfed.benchmark.claims", description=main.__doc__)
     parser.add_argument("root", type=Path)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)

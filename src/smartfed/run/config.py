@@ -268,17 +268,6 @@ class RunConfig:
             raise ValueError(f"client_budgets={self.client_budgets!r}: every β must be in (0, 1]")
         return [values[i % len(values)] for i in range(self.num_clients)]
 
-    def require_sources(self) -> None:
-        """The fields without a usable default: the model, and the pool when the method reads one."""
-        from ..methods import get_method_class, load_builtin_methods
-
-        if not self.model_name_or_path:
-            raise ValueError("--model_name_or_path is required")
-        load_builtin_methods()
-        method = get_method_class(self.method)  # an unknown --method fails here, not inside Flower
-        if not self.lora_pool and getattr(method, "uses_pool", True):
-            raise ValueError(f"--lora_pool is required by method {self.method!r}")
-
     # --- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data.collate import encode_examples, encode_prompt, text_bound
-from .files import sibling_temp_dir
-from .more import MoreModel
+from ..data.collate import encode_examples, encode_prompt, text_bound
+from ..files import sibling_temp_dir
+from ..more import MoreModel
 
 REPORT_FILE = "smartfed_export.json"
 _QUIET = {"message": ".*is_gradient_checkpointing", "category": FutureWarning}  # PEFT on transformers 5
@@ -213,7 +213,7 @@ def check_output(
     ``output``), nor inside the run's model or adapter folders; an existing non-empty
     ``output`` only with ``overwrite``, and then only a previous export (it is deleted).
     """
-    from .fl.run_folder import RunFolder, enclosing_run_folder, is_within
+    from ..run.folder import RunFolder, enclosing_run_folder, is_within
 
     output = Path(output).expanduser()
     run = enclosing_run_folder(output)
@@ -356,7 +356,7 @@ def export_peft(
 
 def write_report(report: ExportReport) -> None:
     """Rewrite ``smartfed_export.json`` in the export folder (e.g. after adding scores), atomically."""
-    from .fl.run_folder import atomic_write_json
+    from ..run.folder import atomic_write_json
 
     atomic_write_json(report.output / REPORT_FILE, report.to_dict())
 
@@ -374,10 +374,10 @@ def export_run(
 ) -> tuple[Any, ExportReport]:
     """``smartfed.load(run_dir)``, ḡ over the first ``calibration`` training examples of the run's task, export.
 
-    Returns ``(loaded, report)``; ``loaded`` (a ``smartfed.inference.Loaded``) can
+    Returns ``(loaded, report)``; ``loaded`` (a ``smartfed.serving.inference.Loaded``) can
     be passed back in to skip loading.
     """
-    from .data import load_task
+    from ..data import load_task
     from .inference import load
 
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
@@ -420,8 +420,8 @@ def compare_scores(
     """
     from peft import PeftModel
 
-    from .data import load_task
-    from .eval import evaluate_task
+    from ..data import load_task
+    from ..eval import evaluate_task
 
     config = loaded.config
     task, _, test = load_task(config.task, seed=config.seed, num_train=config.num_train, num_test=config.num_test)
