@@ -16,6 +16,7 @@ Every file is written to a temporary file and renamed (``atomic_write_bytes``).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -320,6 +321,50 @@ def _mean_curve(points: Sequence[dict[float, float]]) -> tuple[list[float], list
     return xs, means, stds
 
 
+# One (colour, marker) per known method, every pair distinct (colours from the Tableau palettes, markers
+# matplotlib draws at small sizes): a method keeps its look across every plot. SmartFed is black.
+METHOD_STYLES: dict[str, tuple[str, str]] = {
+    "smartfed": ("#000000", "o"),
+    "smartfed_module": ("#7f7f7f", "s"),
+    "mole": ("#9467bd", "^"),
+    "a3smoe": ("#17becf", "v"),
+    "merge": ("#8c564b", "D"),
+    "lorahub": ("#e377c2", "P"),
+    "fedit": ("#d62728", "X"),
+    "flora": ("#1f77b4", "*"),
+    "flexlora": ("#2ca02c", "<"),
+    "hetlora": ("#ff7f0e", ">"),
+    "fedsa": ("#bcbd22", "h"),
+    "fedlease": ("#393b79", "p"),
+}
+# What an unknown name (another method, or a known one with --method_options) draws from.
+_FALLBACK_COLOURS = (
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
+    "#dbdb8d", "#9edae5", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+)  # fmt: skip
+_FALLBACK_MARKERS = ("d", "8", "H", "1", "2", "3", "4", "+", "x", "|")
+
+
+def method_style(name: str, taken: Iterable[tuple[str, str]] = ()) -> tuple[str, str]:
+    """(colour, marker) of the method or plot label ``name``.
+
+    A known method name gets its fixed pair (``METHOD_STYLES``). Any other name gets a pair
+    picked by a hash of the name (sha256, so the same on every machine and run), from colours
+    and markers no known method uses, stepping on past the pairs in ``taken`` (those already on
+    the plot) so that no two lines of one plot look alike.
+    """
+    taken = set(taken)
+    if name in METHOD_STYLES and METHOD_STYLES[name] not in taken:
+        return METHOD_STYLES[name]
+    pairs = [(c, m) for m in _FALLBACK_MARKERS for c in _FALLBACK_COLOURS]
+    start = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % len(pairs)
+    for i in range(len(pairs)):
+        pair = pairs[(start + i * 11) % len(pairs)]  # 11 is coprime with 140: every pair is reached once
+        if pair not in taken:
+            return pair
+    return pairs[start]  # more lines than pairs: a repeat cannot be avoided
+
+
 def write_plots(rows: Sequence[MethodRow], out: Path) -> list[Path]:
     """Metric vs round, and metric vs cumulative uplink bytes: the seeds' mean, ± std shaded."""
     import matplotlib
@@ -327,6 +372,9 @@ def write_plots(rows: Sequence[MethodRow], out: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
+    styles: dict[str, tuple[str, str]] = {}  # label -> (colour, marker), the same in both plots
+    for row in rows:
+        styles[row.label] = method_style(row.label, styles.values())
     written = []
     for name, xlabel in ((PLOT_ROUND, "round"), (PLOT_UPLINK, "cumulative uplink bytes")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -343,7 +391,9 @@ def write_plots(rows: Sequence[MethodRow], out: Path) -> list[Path]:
                 sd = [(mean_std([p[rnd] for p in per_round]) or (0.0, 0.0))[1] for rnd in rounds]
             if not xs:
                 continue
-            line = ax.plot(xs, ys, marker="o", markersize=3, label=f"{row.label} (n={len(row.runs)})")[0]
+            colour, marker = styles[row.label]
+            legend = f"{row.label} (n={len(row.runs)})"
+            line = ax.plot(xs, ys, color=colour, marker=marker, markersize=5, label=legend)[0]
             ax.fill_between(
                 xs,
                 [y - s for y, s in zip(ys, sd, strict=True)],
