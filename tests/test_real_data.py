@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import datasets
 import pytest
 from datasets import Dataset
 
@@ -283,7 +284,7 @@ def test_hub_failure_says_to_pass_a_local_path(monkeypatch: pytest.MonkeyPatch) 
     def offline(*args: object, **kwargs: object) -> None:
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(real_module.datasets, "load_dataset", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match=r"openai/gsm8k.*ConnectionError.*local copy as NAME:PATH"):
         load_real_task("gsm8k", seed=0, num_train=2, num_test=1)
     with pytest.raises(ValueError, match=r"no Hub copy is known; give a local path as math23k:PATH"):
@@ -304,7 +305,7 @@ def test_hub_rows_are_normalised_like_files(monkeypatch: pytest.MonkeyPatch) -> 
             rows = [{"question": f"{split} q{i}", "answer": f"so {i}\n#### {i}"} for i in range(3)]
         return Dataset.from_list(rows)
 
-    monkeypatch.setattr(real_module.datasets, "load_dataset", fake)
+    monkeypatch.setattr(datasets, "load_dataset", fake)
     task, train, test = load_real_task("gsm8k", seed=0, num_train=5, num_test=2)
     assert task.source == "openai/gsm8k" and task.split == "given"
     assert set(test["prompt"]) <= {"test q0", "test q1", "test q2"} and len(train) == 3

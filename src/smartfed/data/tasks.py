@@ -19,6 +19,10 @@ that tiny models learn something in a few steps:
 New tasks register a builder ``(num_examples, seed) -> datasets.Dataset`` with
 ``@register_task(name, ...)``; the builder returns raw fields, and the ``Task``
 says how they become a prompt, an answer and a label.
+
+``Task`` and the columns live in ``smartfed.data.common``, the readers of files
+(Alpaca-style JSONL, real datasets) in ``smartfed.data.readers``; both are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -27,103 +31,44 @@ import json
 import os
 import random
 import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-from datasets import Dataset, Features, Value
+from datasets import Dataset
 
-MetricName = Literal["exact_match", "numeric", "rouge_l", "json_answer"]
+from .common import COLUMNS, FEATURES, MetricName, Task, check_count, dedup, iter_jsonl_objects, to_dataset
+from .readers.alpaca import read_alpaca_jsonl
+from .real import load_real_task, parse_real_spec
+
+__all__ = [
+    "COLUMNS",
+    "FEATURES",
+    "JSONL_MAX_TEST_FRACTION",
+    "ROUGE_MIN_WORDS",
+    "TASKS",
+    "Builder",
+    "MetricName",
+    "Splitter",
+    "Task",
+    "TaskSpec",
+    "iter_jsonl_objects",
+    "list_tasks",
+    "load_task",
+    "read_alpaca_jsonl",
+    "register_task",
+]
+
 Builder = Callable[[int, int], Dataset]
 Splitter = Callable[[int, int, int], tuple[Dataset, Dataset]]
 """``(seed, num_train, num_test) -> (train, test)`` raw records, for tasks whose split is part of their design."""
-
-COLUMNS: tuple[str, ...] = ("prompt", "answer", "label")
-"""The columns of every dataset ``load_task`` returns."""
-
-FEATURES = Features({"prompt": Value("string"), "answer": Value("string"), "label": Value("int64")})
 
 ROUGE_MIN_WORDS = 3.0
 """A JSONL task is scored with ROUGE-L when its answers average more words than this."""
 
 JSONL_MAX_TEST_FRACTION = 0.2
 """A JSONL file gives at most this fraction of its records (at least one) to the test split."""
-
-
-@dataclass(frozen=True)
-class Task:
-    """How the raw records of a task become prompts, answers and labels, and how answers are scored.
-
-    Attributes:
-        name: registry name (or the JSONL path it was loaded from).
-        prompt_template: ``str.format`` template filled with the record's fields.
-        answer_field: the record field holding the reference answer (cast to str).
-        metric: ``"exact_match"``, ``"numeric"`` or ``"rouge_l"`` (see ``smartfed.eval.metrics``).
-        label_field: the record field (ints) used for Dirichlet partitioning; None
-            when the task has no label (every record gets label 0).
-        description: one line for ``list_tasks`` and logs.
-    """
-
-    name: str
-    prompt_template: str
-    answer_field: str
-    metric: MetricName
-    label_field: str | None
-    description: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Task.name={self.name!r} must be a non-empty string")
-        if self.metric not in get_args(MetricName):
-            raise ValueError(f"Task {self.name!r}: metric={self.metric!r} is not one of {list(get_args(MetricName))}")
-        if not isinstance(self.prompt_template, str) or not self.prompt_template:
-            raise ValueError(f"Task {self.name!r}: prompt_template={self.prompt_template!r} must be a non-empty string")
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
-        except ValueError as err:
-            raise ValueError(
-                f"Task {self.name!r}: prompt_template={self.prompt_template!r} is not a format string: {err}"
-            ) from err
-        if any(not f for f in fields):
-            raise ValueError(
-                f"Task {self.name!r}: prompt_template={self.prompt_template!r} has an unnamed field '{{}}'"
-            )
-        if not isinstance(self.answer_field, str) or not self.answer_field:
-            raise ValueError(f"Task {self.name!r}: answer_field={self.answer_field!r} must be a non-empty string")
-        if self.label_field is not None and (not isinstance(self.label_field, str) or not self.label_field):
-            raise ValueError(f"Task {self.name!r}: label_field={self.label_field!r} must be a non-empty string or None")
-        if not isinstance(self.description, str) or not self.description.strip():
-            raise ValueError(f"Task {self.name!r}: description={self.description!r} must be a non-empty string")
-
-    def make_prompt(self, record: dict[str, Any]) -> str:
-        """Fill ``prompt_template`` with a record's fields."""
-        try:
-            return self.prompt_template.format(**record)
-        except (KeyError, IndexError) as err:
-            raise ValueError(
-                f"Task {self.name!r}: prompt_template={self.prompt_template!r} needs field {err} "
-                f"missing from the record (fields: {sorted(record)})"
-            ) from err
-
-    def make_example(self, record: dict[str, Any]) -> dict[str, Any]:
-        """One raw record → ``{"prompt": str, "answer": str, "label": int}``."""
-        if self.answer_field not in record:
-            raise ValueError(
-                f"Task {self.name!r}: answer_field={self.answer_field!r} is not a field of the record "
-                f"(fields: {sorted(record)})"
-            )
-        label = 0
-        if self.label_field is not None:
-            if self.label_field not in record:
-                raise ValueError(
-                    f"Task {self.name!r}: label_field={self.label_field!r} is not a field of the record "
-                    f"(fields: {sorted(record)})"
-                )
-            label = record[self.label_field]
-            if isinstance(label, bool) or not isinstance(label, int):
-                raise ValueError(f"Task {self.name!r}: label_field={self.label_field!r} must hold ints, got {label!r}")
-        return {"prompt": self.make_prompt(record), "answer": str(record[self.answer_field]), "label": int(label)}
 
 
 @dataclass(frozen=True)
@@ -276,32 +221,11 @@ def build_copy(num_examples: int, seed: int) -> Dataset:
 # --------------------------------------------------------------------------- loading
 
 
-def _check_count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"load_task: {name}={value!r} must be an int >= {minimum}")
-    return value
-
-
-def _dedup(examples: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep the first example of every prompt."""
-    seen: set[str] = set()
-    unique = []
-    for example in examples:
-        if example["prompt"] not in seen:
-            seen.add(example["prompt"])
-            unique.append(example)
-    return unique
-
-
-def _to_dataset(examples: list[dict[str, Any]]) -> Dataset:
-    return Dataset.from_dict({c: [e[c] for e in examples] for c in COLUMNS}, features=FEATURES)
-
-
 def _load_split(spec: TaskSpec, seed: int, num_train: int, num_test: int) -> tuple[Dataset, Dataset]:
     assert spec.splitter is not None
     raw_train, raw_test = spec.splitter(seed, num_train, num_test)
-    train = _dedup(spec.task.make_example(r) for r in raw_train.to_list())
-    test = _dedup(spec.task.make_example(r) for r in raw_test.to_list())
+    train = dedup(spec.task.make_example(r) for r in raw_train.to_list())
+    test = dedup(spec.task.make_example(r) for r in raw_test.to_list())
     overlap = {e["prompt"] for e in train} & {e["prompt"] for e in test}
     if overlap:
         raise ValueError(f"task {spec.task.name!r}: its splitter put {len(overlap)} test prompt(s) in train")
@@ -310,7 +234,7 @@ def _load_split(spec: TaskSpec, seed: int, num_train: int, num_test: int) -> tup
             f"task {spec.task.name!r} has only {len(train)} train / {len(test)} test items; "
             f"asked for num_train={num_train}, num_test={num_test}"
         )
-    return _to_dataset(train[:num_train]), _to_dataset(test[:num_test])
+    return to_dataset(train[:num_train]), to_dataset(test[:num_test])
 
 
 def _load_registered(spec: TaskSpec, seed: int, num_train: int, num_test: int) -> tuple[Dataset, Dataset]:
@@ -321,7 +245,7 @@ def _load_registered(spec: TaskSpec, seed: int, num_train: int, num_test: int) -
     found, used = -1, 0
     for _ in range(4):
         used = draws
-        examples = _dedup(spec.task.make_example(r) for r in spec.build(used, seed).to_list())
+        examples = dedup(spec.task.make_example(r) for r in spec.build(used, seed).to_list())
         if len(examples) >= needed or len(examples) == found:  # enough, or no new prompt in twice the draws
             break
         found, draws = len(examples), draws * 2
@@ -332,77 +256,15 @@ def _load_registered(spec: TaskSpec, seed: int, num_train: int, num_test: int) -
         )
     examples = examples[:needed]
     random.Random(seed).shuffle(examples)
-    return _to_dataset(examples[num_test:]), _to_dataset(examples[:num_test])
+    return to_dataset(examples[num_test:]), to_dataset(examples[:num_test])
 
 
 def _is_path_like(task: str) -> bool:
     return task.endswith((".jsonl", ".json")) or "/" in task or os.sep in task or Path(task).exists()
 
 
-def iter_jsonl_objects(data: bytes, file: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, object)`` for every non-blank line of JSONL bytes; ``where`` is ``file:line``.
-
-    Errors name the file and the 1-based line: bytes that are not UTF-8, a line
-    that is not JSON, a line that is not a JSON object. A leading BOM is dropped.
-    """
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{file}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from err
-        if lineno == 1:
-            line = line.removeprefix("\ufeff")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
-
-
-def read_alpaca_jsonl(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Read Alpaca-style records (``instruction``, optional ``input``, ``output``) from a JSONL file.
-
-    Blank lines are skipped. Errors name the file and the 1-based line:
-    ``FileNotFoundError`` when the file is missing, ``ValueError`` for bytes that
-    are not UTF-8, a line that is not JSON, a line that is not a JSON object, a
-    record without a string ``instruction``/``output`` (or with an empty
-    instruction, or a non-string ``input``), and a file without any record.
-
-    Returns:
-        ``[{"prompt": ..., "answer": ...}]`` with prompt = instruction, plus
-        ``"\\n\\n" + input`` when the input is non-empty, and answer = output.
-    """
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"JSONL task file {str(file)!r} does not exist")
-    if not file.is_file():
-        raise ValueError(f"JSONL task file {str(file)!r} is not a regular file")
-    records = []
-    for where, record in iter_jsonl_objects(file.read_bytes(), file):
-        for key in ("instruction", "output"):
-            if key not in record:
-                raise ValueError(f"{where}: record has no {key!r} field (fields: {sorted(record)})")
-            if not isinstance(record[key], str):
-                raise ValueError(f"{where}: field {key!r} must be a string, got {record[key]!r}")
-        if not record["instruction"].strip():
-            raise ValueError(f"{where}: field 'instruction' is empty")
-        extra = record.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise ValueError(f"{where}: field 'input' must be a string, got {extra!r}")
-        prompt = record["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
-        records.append({"prompt": prompt, "answer": record["output"]})
-    if not records:
-        raise ValueError(f"JSONL task file {str(file)!r} holds no records (it is empty or only blank lines)")
-    return records
-
-
 def _load_jsonl(path: str, seed: int, num_train: int, num_test: int) -> tuple[Task, Dataset, Dataset]:
-    examples = [{**r, "label": 0} for r in _dedup(read_alpaca_jsonl(path))]
+    examples = [{**r, "label": 0} for r in dedup(read_alpaca_jsonl(path))]
     if len(examples) < 2:
         raise ValueError(f"JSONL task file {path!r} has {len(examples)} distinct prompt(s); train and test need >= 2")
     mean_words = sum(len(e["answer"].split()) for e in examples) / len(examples)
@@ -420,7 +282,7 @@ def _load_jsonl(path: str, seed: int, num_train: int, num_test: int) -> tuple[Ta
     n_test = min(num_test, max(1, int(len(examples) * JSONL_MAX_TEST_FRACTION)))
     test = [examples[i] for i in order[:n_test]]
     train = [examples[i] for i in order[n_test : n_test + num_train]]
-    return task, _to_dataset(train), _to_dataset(test)
+    return task, to_dataset(train), to_dataset(test)
 
 
 def load_task(
@@ -447,13 +309,11 @@ def load_task(
         FileNotFoundError: a JSONL path that does not exist.
     """
     seed = int(seed)
-    num_train = _check_count("num_train", num_train, 1)
-    num_test = _check_count("num_test", num_test, 0)
+    num_train = check_count("num_train", num_train, 1)
+    num_test = check_count("num_test", num_test, 0)
     name = os.fspath(task)
     if not isinstance(name, str):
         raise ValueError(f"load_task: task={task!r} must be a task name or a path")
-    from .real import load_real_task, parse_real_spec  # lazy: real.py imports this module
-
     if parse_real_spec(name) is not None:  # a real dataset: "gsm8k:/data/gsm8k", "mgsm.es:...", ...
         return load_real_task(name, seed=seed, num_train=num_train, num_test=num_test)
     if name in TASKS:
