@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any, Literal, get_args
 
 import torch
@@ -165,3 +166,37 @@ class MoreConfig:
         if unknown:
             raise ValueError(f"MoreConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How one MoRE matrix routes a call: every non-tensor input of its autograd functions, as one object.
+
+    Built from a ``MoreConfig`` and the matrix's own ``top_k`` (its quota: EEQA and
+    client budgets change it per matrix, see ``MoreModel.set_quotas``). Frozen, so a
+    backward always reads the spec its forward ran with; changing ``top_k`` replaces
+    the layer's spec (``with_top_k``).
+    """
+
+    top_k: int  # experts kept per token in this matrix
+    gate: GateType  # a key of ``router.GATES``
+    router_kind: RouterType  # what the router reads: "linear" x, "rank" z = A x
+    match: bool  # the rank router reads c·z, c = ‖x‖₁/‖z‖₁ per token (rank_input="matched")
+    base_norm: bool = False  # ``RoutedLinear`` also returns ‖W0 x + b0‖ per token (the expert statistics read it)
+
+    @classmethod
+    def from_config(cls, config: MoreConfig, top_k: int) -> RoutingSpec:
+        return cls(
+            top_k=top_k,
+            gate=config.gate,
+            router_kind=config.router,
+            match=config.router == "rank" and config.rank_input == "matched",
+        )
+
+    def with_top_k(self, top_k: int) -> RoutingSpec:
+        return replace(self, top_k=top_k)
+
+    @cached_property
+    def with_base_norm(self) -> RoutingSpec:
+        """This spec with ``base_norm=True``, made once (a tracked forward reads it on every call)."""
+        return replace(self, base_norm=True)

@@ -19,6 +19,11 @@ The experts are the pool's tensors, not copies: A_t and the unscaled B_t share
 the pool's storage (when dtype and device match), and the per-expert scale s_t
 is applied to the (tokens, M) activations, which costs far less than a second,
 scaled copy of B_t per matrix.
+
+Every non-tensor input of the two autograd functions is one frozen ``RoutingSpec``
+(top_k, gate, router kind; config.py), so their backward returns one gradient
+(or None, for a frozen tensor) per tensor input and one None for the spec. The
+per-expert statistics the layer feeds while ``track_stats`` is on live in stats.py.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .config import MoreConfig
+from .config import MoreConfig, RoutingSpec
 from .pool import PoolModule
 from .router import Router, rank_input_scale, top_k_gates, top_k_gates_backward
+from .stats import STAT_SUMS, ExpertStats, token_norms
 
 
 def base_layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -43,28 +49,23 @@ def base_layer_features(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(layer).__name__} is neither an nn.Linear nor a Conv1D")
 
 
-def _token_norms(result: torch.Tensor) -> torch.Tensor:
-    """‖W0 x‖ per token: (..., d_out) -> (N,) float32."""
-    return torch.linalg.vector_norm(result.detach().reshape(-1, result.shape[-1]), dim=-1, dtype=torch.float32)
-
-
-def _route(x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str, match: bool):
+def _route(x, weight, bias, lora_A, scale, spec: RoutingSpec):
     """The routed rank space, forward: ``(features, z, logits, gates, h, c)`` with ``h = s ⊙ g ⊙ z``, ``z = A x``.
 
-    ``c`` (T, 1): the rank router's per-token input scale when ``match`` (``rank_input_scale``), else None.
+    ``c`` (T, 1): the rank router's per-token input scale when ``spec.match`` (``rank_input_scale``), else None.
     """
     z = x @ lora_A.t()  # (T, d_in) -> (T, M)
     c = None
-    if router_kind == "linear":
+    if spec.router_kind == "linear":
         features = x.to(weight.dtype)  # (T, d_in)
-    elif match:
+    elif spec.match:
         c = rank_input_scale(x, z)  # (T, 1)
         features = (z * c).to(weight.dtype)  # (T, M)
     else:
         features = z.to(weight.dtype)  # (T, M)
     # (T, F) -> (T, M)
     logits = features @ weight.t() if bias is None else torch.addmm(bias, features, weight.t())
-    gates = top_k_gates(logits, top_k, gate)  # (T, M), top_k nonzero per row
+    gates = top_k_gates(logits, spec.top_k, spec.gate)  # (T, M), top_k nonzero per row
     h = z * gates.to(z.dtype)
     h.mul_(scale)  # (T, M): s_m folded into column m
     return features, z, logits, gates, h, c
@@ -80,15 +81,16 @@ def _route_backward(ctx, grad_h, saved, needs: tuple[bool, bool, bool], grad_x=N
     grad_hs = grad_h * scale  # (T, M): ∂L/∂(g ⊙ z)
     grad_z = grad_hs * gates.to(grad_hs.dtype)  # (T, M): ∂L/∂z along h
     u = (grad_hs * z).to(gates.dtype).mul_(gates)  # (T, M): g ⊙ ∂L/∂g
-    grad_logits = top_k_gates_backward(u, gates, ctx.top_k, ctx.gate)  # (T, M)
+    spec: RoutingSpec = ctx.spec
+    grad_logits = top_k_gates_backward(u, gates, spec.top_k, spec.gate)  # (T, M)
     grad_weight = grad_logits.t() @ features if needs_weight else None  # (M, T) @ (T, F) -> (M, F)
     grad_bias = grad_logits.sum(0) if needs_bias else None  # (M,)
     if not needs_x:
         return None, grad_weight, grad_bias
     same = weight.dtype == grad_z.dtype
-    if ctx.router_kind == "rank" and ctx.rank_scale is not None:  # the logits read c z, c a constant per token
+    if spec.router_kind == "rank" and ctx.rank_scale is not None:  # the logits read c z, c a constant per token
         grad_z += (grad_logits @ weight).mul_(ctx.rank_scale).to(grad_z.dtype)  # (T, M) @ (M, M) * (T, 1)
-    elif ctx.router_kind == "rank":  # the logits read z: their gradient joins z's before A
+    elif spec.router_kind == "rank":  # the logits read z: their gradient joins z's before A
         if same:
             grad_z.addmm_(grad_logits, weight)  # (T, M) += (T, M) @ (M, M)
         else:
@@ -97,7 +99,7 @@ def _route_backward(ctx, grad_h, saved, needs: tuple[bool, bool, bool], grad_x=N
         grad_x = grad_z @ lora_A  # (T, M) @ (M, d_in) -> (T, d_in)
     else:
         grad_x.addmm_(grad_z, lora_A)  # (T, d_in) += (T, M) @ (M, d_in)
-    if ctx.router_kind == "linear":  # the logits read x: add their gradient in the same buffer
+    if spec.router_kind == "linear":  # the logits read x: add their gradient in the same buffer
         if same:
             grad_x.addmm_(grad_logits, weight)  # (T, d_in) += (T, M) @ (M, d_in)
         else:
@@ -111,7 +113,7 @@ class RoutedRankSpace(torch.autograd.Function):
     Inputs: ``x (T, d_in)`` in the expert dtype; the router's ``weight (M, F)`` and
     ``bias (M,)`` (or None) in the router dtype, with ``F = d_in`` for the linear
     router (it reads x) and ``F = M`` for the rank router (it reads z); the frozen
-    ``lora_A (M, d_in)`` and ``scale (M,)``. Outputs ``h (T, M)`` and, for the
+    ``lora_A (M, d_in)`` and ``scale (M,)``; the ``RoutingSpec``. Outputs ``h (T, M)`` and, for the
     expert statistics, ``z (T, M)``, the logits and the gates ``g (T, M)`` (not differentiable;
     the logits are the forward's own tensor, returned without a copy).
 
@@ -124,10 +126,10 @@ class RoutedRankSpace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, scale, top_k: int, gate: str, router_kind: str, match: bool):
-        features, z, logits, gates, h, c = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind, match)
+    def forward(ctx, x, weight, bias, lora_A, scale, spec: RoutingSpec):
+        features, z, logits, gates, h, c = _route(x, weight, bias, lora_A, scale, spec)
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates)
-        ctx.top_k, ctx.gate, ctx.router_kind, ctx.rank_scale = top_k, gate, router_kind, c
+        ctx.spec, ctx.rank_scale = spec, c
         ctx.mark_non_differentiable(z, logits, gates)
         ctx.set_materialize_grads(False)  # no zero tensors for the grads of z, logits and g, which never get one
         return h, z, logits, gates
@@ -136,9 +138,10 @@ class RoutedRankSpace(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h, _grad_z, _grad_logits, _grad_gates):
         if grad_h is None:
-            return (None,) * 9
-        grads = _route_backward(ctx, grad_h, ctx.saved_tensors, ctx.needs_input_grad[:3])
-        return *grads, None, None, None, None, None, None
+            return None, None, None, None, None, None
+        grad_x, grad_weight, grad_bias = _route_backward(ctx, grad_h, ctx.saved_tensors, ctx.needs_input_grad[:3])
+        # x, router weight and bias; lora_A and scale are frozen; the spec
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class RoutedLinear(torch.autograd.Function):
@@ -153,21 +156,18 @@ class RoutedLinear(torch.autograd.Function):
 
     Extra inputs: the frozen ``expert_B (d_out, M)``, ``base_weight (d_out, d_in)``
     and ``base_bias (d_out,)`` or None. Outputs the layer's ``(T, d_out)``, z, the
-    logits, the gates and, when ``want_norm``, ``‖W0 x + b0‖`` per token (T,) for the expert
+    logits, the gates and, when ``spec.base_norm``, ``‖W0 x + b0‖`` per token (T,) for the expert
     statistics (else an empty tensor).
     """
 
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, lora_A, scale, expert_B, base_weight, base_bias, top_k: int, gate: str,
-        router_kind: str, match: bool, want_norm: bool,
-    ):  # fmt: skip
+    def forward(ctx, x, weight, bias, lora_A, scale, expert_B, base_weight, base_bias, spec: RoutingSpec):
         out = F.linear(x, base_weight, base_bias)  # (T, d_in) -> (T, d_out): the frozen base
-        norm = _token_norms(out) if want_norm else out.new_empty(0)  # (T,) ‖W0 x + b0‖, before the experts
-        features, z, logits, gates, h, c = _route(x, weight, bias, lora_A, scale, top_k, gate, router_kind, match)
+        norm = token_norms(out) if spec.base_norm else out.new_empty(0)  # (T,) ‖W0 x + b0‖, before the experts
+        features, z, logits, gates, h, c = _route(x, weight, bias, lora_A, scale, spec)
         out.addmm_(h, expert_B.t())  # (T, d_out) += (T, M) @ (M, d_out), into our own buffer
         ctx.save_for_backward(features, weight, lora_A, scale, z, gates, expert_B, base_weight)
-        ctx.top_k, ctx.gate, ctx.router_kind, ctx.rank_scale = top_k, gate, router_kind, c
+        ctx.spec, ctx.rank_scale = spec, c
         ctx.mark_non_differentiable(z, logits, gates, norm)
         ctx.set_materialize_grads(False)
         return out, z, logits, gates, norm
@@ -176,13 +176,14 @@ class RoutedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, _grad_z, _grad_logits, _grad_gates, _grad_norm):
         if grad_out is None:
-            return (None,) * 13
+            return None, None, None, None, None, None, None, None, None
         *saved, expert_B, base_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         grad_h = grad_out @ expert_B  # (T, d_out) @ (d_out, M) -> (T, M)
         grad_x = grad_out @ base_weight if needs[0] else None  # (T, d_out) @ (d_out, d_in) -> (T, d_in)
-        grads = _route_backward(ctx, grad_h, saved, needs, grad_x)
-        return *grads, *(None,) * 10
+        grad_x, grad_weight, grad_bias = _route_backward(ctx, grad_h, saved, needs, grad_x)
+        # x, router weight and bias; lora_A, scale, expert_B, base_weight, base_bias are frozen; the spec
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class MoreLinear(nn.Module):
@@ -191,6 +192,9 @@ class MoreLinear(nn.Module):
     #: Run the fused nodes: ``RoutedLinear`` over a frozen nn.Linear, else ``RoutedRankSpace`` for the
     #: routed part (False: ``forward_reference``'s plain ops).
     use_fused: bool = True
+
+    #: Per-expert sums the statistics keep (each (M,) float64): see ``stats.ExpertStats.accumulate``.
+    STAT_SUMS = STAT_SUMS
 
     def __init__(
         self,
@@ -203,9 +207,8 @@ class MoreLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.gate = config.gate
         self.num_experts = experts.num_experts
-        self.top_k = top_k
+        self.routing = RoutingSpec.from_config(config, top_k)
         weight = base_layer.weight
         dtype = config.expert_torch_dtype(weight.dtype)
         device = weight.device
@@ -218,38 +221,47 @@ class MoreLinear(nn.Module):
             "expert_norm",
             (experts.B * experts.scale).norm(dim=0).to(device=device, dtype=torch.float32),
             persistent=False,
-        )  # (M,): ‖s_m B_m‖
+        )  # (M,): ‖s_m B_m‖, which only the statistics read
         self.router = Router(self.num_experts, experts.in_features, config, device=device, generator=generator)
+        self.statistics = ExpertStats(self.num_experts, device=device)
         self.track_stats = False
         self.stat_token_mask: torch.Tensor | None = None  # (batch, seq) attention mask while tracking
-        self._init_stats()
+
+    @property
+    def top_k(self) -> int:
+        """Experts kept per token in this matrix (its quota, which EEQA and client budgets change)."""
+        return self.routing.top_k
+
+    @top_k.setter
+    def top_k(self, top_k: int) -> None:
+        self.routing = self.routing.with_top_k(top_k)
+
+    @property
+    def gate(self) -> str:
+        return self.routing.gate
 
     @property
     def lora_B(self) -> torch.Tensor:
         """The scaled up-projection ``B_t · diag(s_t)`` (d_out, M), computed on demand (export, analysis)."""
         return self.expert_B * self.expert_scale
 
-    #: Per-expert sums the statistics keep (each (M,) float64): see ``_accumulate``.
-    STAT_SUMS = ("gate_mass", "contribution", "prob_contribution", "gated_contribution")
-
-    def _init_stats(self) -> None:
-        device = self.lora_A.device
-        for key in self.STAT_SUMS:
-            self.register_buffer(
-                f"stat_{key}", torch.zeros(self.num_experts, dtype=torch.float64, device=device), persistent=False
-            )
-        self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
-
+    # --- expert statistics (stats.py) ------------------------------------------
     def reset_stats(self) -> None:
-        for key in self.STAT_SUMS:
-            getattr(self, f"stat_{key}").zero_()
-        self.stat_tokens.zero_()
+        self.statistics.reset()
 
+    def stats(self) -> dict[str, torch.Tensor | int]:
+        """Means over the tokens seen since the last reset: each of ``STAT_SUMS`` (M,) and ``tokens``."""
+        return self.statistics.means()
+
+    def _accumulate(self, base_norm: torch.Tensor, z: torch.Tensor, logits: torch.Tensor, gates: torch.Tensor) -> None:
+        self.statistics.accumulate(base_norm, z, logits, gates, self.expert_norm, self.stat_token_mask)
+
+    # --- forward ---------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z, logits, gates): z = A x (..., M) in the expert dtype, logits (..., M), gates with top_k nonzero."""
         z = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., d_in) -> (..., M)
         logits = self.router(x, z)  # (..., M) in the router dtype
-        return z, logits, top_k_gates(logits, self.top_k, self.gate)
+        return z, logits, top_k_gates(logits, self.routing.top_k, self.routing.gate)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.use_fused:
@@ -259,18 +271,10 @@ class MoreLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
         x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)  # (..., d_in) -> (T, d_in)
         h, z, logits, gates = RoutedRankSpace.apply(
-            x2d,
-            self.router.weight,
-            self.router.bias,
-            self.lora_A,
-            self.expert_scale,
-            self.top_k,
-            self.gate,
-            self.router.kind,
-            self.router.match,
+            x2d, self.router.weight, self.router.bias, self.lora_A, self.expert_scale, self.routing
         )  # (T, M) each
         if self.track_stats:
-            self._accumulate(_token_norms(result), z, logits, gates)
+            self._accumulate(token_norms(result), z, logits, gates)
         result2d = result.reshape(-1, result.shape[-1])  # (..., d_out) -> (T, d_out)
         if result2d.dtype == h.dtype:
             out = torch.addmm(result2d, h, self.expert_B.t())  # W0 x + B h: the add rides on the matmul
@@ -297,6 +301,7 @@ class MoreLinear(nn.Module):
 
     def _forward_routed_linear(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (..., d_in) -> (T, d_in)
+        spec = self.routing.with_base_norm if self.track_stats else self.routing
         out, z, logits, gates, norm = RoutedLinear.apply(
             x2d,
             self.router.weight,
@@ -306,11 +311,7 @@ class MoreLinear(nn.Module):
             self.expert_B,
             self.base_layer.weight,
             self.base_layer.bias,
-            self.top_k,
-            self.gate,
-            self.router.kind,
-            self.router.match,
-            self.track_stats,
+            spec,
         )  # (T, d_out), (T, M), (T, M), (T, M), (T,)
         if self.track_stats:
             self._accumulate(norm, z, logits, gates)
@@ -323,51 +324,9 @@ class MoreLinear(nn.Module):
         h = z * gates.to(z.dtype) * self.expert_scale  # (..., M): gated, scaled rank-space activations
         delta = F.linear(h, self.expert_B)  # (..., M) -> (..., d_out)
         if self.track_stats:
-            self._accumulate(_token_norms(result), z, logits, gates)
+            self._accumulate(token_norms(result), z, logits, gates)
         return result + delta.to(result.dtype)
 
-    @torch.no_grad()
-    def _accumulate(self, base_norm: torch.Tensor, z: torch.Tensor, logits: torch.Tensor, gates: torch.Tensor) -> None:
-        """Per expert m, summed over tokens (DESIGN.md §2), with ``c_m(x) = ‖s_m B_m‖ |A_m x| / ‖W0 x‖``:
-
-        - ``gate_mass``: g_m(x), the kept gate;
-        - ``contribution``: c_m(x), what the expert would add, kept or not;
-        - ``prob_contribution``: p_m(x) c_m(x) with p the softmax over *all* M logits: the router's
-          preference times the size of the expert's output, for every expert, kept or not;
-        - ``gated_contribution``: g_m(x) c_m(x), zero for an expert that is never kept (the first EEQA
-          importance, which feeds on its own quota: a matrix at K_t = 1 scores one expert).
-
-        ``base_norm``: ‖W0 x‖ per token (N,), float32. The sums over tokens are vector-matrix
-        products with a per-token weight (1 / ‖W0 x‖, times 0 for padding), not a boolean
-        selection that copies.
-        """
-        m = self.num_experts
-        g = gates.detach().float().reshape(-1, m)  # (N, M)
-        p = torch.softmax(logits.detach().float().reshape(-1, m), dim=-1)  # (N, M) over all experts
-        # ‖b_m (a_m)‖ = |a_m| ‖b_m‖: the norm of a rank-one output without forming it.
-        c = z.detach().abs().float().reshape(-1, m).mul_(self.expert_norm)  # (N, M), a copy: written below
-        weight = base_norm.clamp_min(1e-6).reciprocal_()  # (N,)
-        mask = self.stat_token_mask
-        if mask is not None and mask.numel() == g.shape[0]:  # padding tokens say nothing about the task
-            keep = mask.reshape(-1).ne(0).float()  # (N,) 1 for a real token, 0 for padding
-            weight.mul_(keep)
-            self.stat_gate_mass.add_(keep @ g)  # (N,) @ (N, M) -> (M,), added into the float64 sum in place
-            self.stat_tokens.add_(keep.sum())
-        else:
-            self.stat_gate_mass.add_(g.sum(0))
-            self.stat_tokens.add_(g.shape[0])
-        self.stat_contribution.add_(weight @ c)  # (N,) @ (N, M) -> (M,)
-        self.stat_prob_contribution.add_(weight @ (p * c))
-        self.stat_gated_contribution.add_(weight @ c.mul_(g))
-
-    def stats(self) -> dict[str, torch.Tensor | int]:
-        """Means over the tokens seen since the last reset: each of ``STAT_SUMS`` (M,) and ``tokens``."""
-        tokens = max(float(self.stat_tokens), 1.0)
-        out: dict[str, torch.Tensor | int] = {
-            key: (getattr(self, f"stat_{key}") / tokens).float().cpu() for key in self.STAT_SUMS
-        }
-        out["tokens"] = int(self.stat_tokens)
-        return out
-
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, gate={self.gate!r}, router={self.router.kind!r}"
+        spec = self.routing
+        return f"experts={self.num_experts}, top_k={spec.top_k}, gate={spec.gate!r}, router={spec.router_kind!r}"

@@ -4,7 +4,12 @@
 and returns a ``MoreModel`` that forwards ``forward``/``generate`` and any other
 attribute to the wrapped model (as ``PeftModel`` does), and adds what SmartFed
 needs: router-only parameters, router (de)serialisation, per-matrix quotas for
-EEQA and per-expert statistics.
+EEQA and per-expert statistics (stats.py).
+
+K, the experts kept per token, is ``top_k`` throughout: ``MoreConfig.top_k`` for
+every matrix at the start, ``MoreLinear.top_k`` per matrix after. A matrix's
+``top_k`` is also called its *quota* (``quotas``, ``set_quotas``): the word EEQA
+(Elastic Expert Quota Allocation) uses for the per-matrix top_k it moves around.
 """
 
 from __future__ import annotations
@@ -24,18 +29,19 @@ from ..files import sibling_temp_file
 from .config import MoreConfig
 from .layer import MoreLinear, base_layer_features
 from .pool import LoraPool
+from .stats import token_mask, tracking
 
 ROUTER_CONFIG_KEY = "smartfed.more_config"
 ROUTER_EXPERTS_KEY = "smartfed.num_experts"
 ROUTER_QUOTAS_KEY = "smartfed.quotas"
 
 
-def _check_top_k(module: str, k: object, num_experts: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+def _check_top_k(module: str, top_k: object, num_experts: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(
-            f"top_k={k!r} for module {module!r}: must be an int in [1, {num_experts}] (its number of experts)"
+            f"top_k={top_k!r} for module {module!r}: must be an int in [1, {num_experts}] (its number of experts)"
         )
-    return k
+    return top_k
 
 
 class MoreModel(nn.Module):
@@ -83,9 +89,9 @@ class MoreModel(nn.Module):
                 f"{(experts.in_features, experts.out_features)}, the model's layer is {(d_in, d_out)} "
                 "(adapter trained for another base model?)"
             )
-        k = experts.num_experts if self.more_config.top_k is None else self.more_config.top_k
-        _check_top_k(name, k, experts.num_experts)
-        layer = MoreLinear(base_layer, experts, self.more_config, top_k=k, generator=generator)
+        top_k = experts.num_experts if self.more_config.top_k is None else self.more_config.top_k
+        _check_top_k(name, top_k, experts.num_experts)
+        layer = MoreLinear(base_layer, experts, self.more_config, top_k=top_k, generator=generator)
         parent_name, _, child = name.rpartition(".")
         parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
         setattr(parent, child, layer)
@@ -103,14 +109,8 @@ class MoreModel(nn.Module):
         mask = kwargs.get("attention_mask")
         if not (self._tracking and mask is not None):
             return self.base_model(*args, **kwargs)
-        layers = self.more_layers().values()
-        for layer in layers:  # so statistics skip padding tokens
-            layer.stat_token_mask = mask
-        try:
+        with token_mask(self.more_layers().values(), mask):  # so statistics skip padding tokens
             return self.base_model(*args, **kwargs)
-        finally:
-            for layer in layers:
-                layer.stat_token_mask = None
 
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)
@@ -202,39 +202,33 @@ class MoreModel(nn.Module):
 
     # --- quotas (EEQA) ---------------------------------------------------------
     def quotas(self) -> dict[str, int]:
-        """Current K_t of every MoRE matrix."""
+        """Current ``top_k`` (quota K_t) of every MoRE matrix."""
         return {name: layer.top_k for name, layer in self.more_layers().items()}
 
     def set_quotas(self, quotas: dict[str, int]) -> None:
-        """Change K_t per matrix at run time (EEQA); validates all before changing any."""
+        """Change ``top_k`` per matrix at run time (EEQA); validates all before changing any."""
         layers = self.more_layers()
         unknown = sorted(set(quotas) - set(layers))
         if unknown:
             raise ValueError(f"set_quotas: unknown module(s) {unknown[:5]}; MoRE modules are e.g. {list(layers)[:3]}")
-        for name, k in quotas.items():
-            _check_top_k(name, k, layers[name].num_experts)
-        for name, k in quotas.items():
-            layers[name].top_k = k
+        for name, top_k in quotas.items():
+            _check_top_k(name, top_k, layers[name].num_experts)
+        for name, top_k in quotas.items():
+            layers[name].top_k = top_k
 
     # --- expert statistics -----------------------------------------------------
     @contextmanager
     def tracking_expert_stats(self, reset: bool = True) -> Iterator[None]:
-        """Accumulate the per-expert statistics (``MoreLinear._accumulate``) in every forward inside the block."""
-        layers = self.more_layers().values()
-        for layer in layers:
-            if reset:
-                layer.reset_stats()
-            layer.track_stats = True
-        self._tracking = True
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.track_stats = False
-            self._tracking = False
+        """Accumulate the per-expert statistics (``stats.ExpertStats.accumulate``) in every forward inside the block."""
+        with tracking(self.more_layers().values(), reset=reset):
+            self._tracking = True
+            try:
+                yield
+            finally:
+                self._tracking = False
 
     def expert_stats(self) -> dict[str, dict[str, torch.Tensor | int]]:
-        """Per MoRE matrix: the means of ``MoreLinear.STAT_SUMS`` (each (M,)) and the tokens seen."""
+        """Per MoRE matrix: the means of ``stats.STAT_SUMS`` (each (M,)) and the tokens seen."""
         return {name: layer.stats() for name, layer in self.more_layers().items()}
 
     def reset_expert_stats(self) -> None:

@@ -2,12 +2,13 @@
 
 The router is the only tensor SmartFed trains and communicates (seed 001): per
 target matrix, logits over its M rank-one experts, of which the top K_t per
-token are kept and weighted by a gate function.
+token (its ``top_k``) are kept and weighted by a gate function (``GATES``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,52 +17,83 @@ from torch import nn
 from .config import MoreConfig
 
 
+@dataclass(frozen=True)
+class Gate:
+    """A gate function over the kept logits, and the closed form of its backward.
+
+    ``forward(kept) -> gates``: (..., K) kept logits to their gates.
+    ``backward(u, gates, kept) -> ∂L/∂logits`` (..., M), from ``u = gates ⊙ ∂L/∂gates``
+    and the dense gates (..., M), ``kept`` = K, the nonzero gates per row. It must be
+    a multiple of the gate, so a dropped expert (gate exactly 0) gets exactly 0 without
+    knowing which were kept: the backward needs neither the top-K indices nor the kept
+    logits (see ``top_k_gates_backward``).
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+    def __call__(self, kept: torch.Tensor) -> torch.Tensor:
+        return self.forward(kept)
+
+
+def _softmax_backward(u: torch.Tensor, gates: torch.Tensor, scale: int) -> torch.Tensor:
+    """Softmax ``p`` scaled by ``c``, ``g = c p``: ``∂L/∂l = g ⊙ ∂L/∂g - p Σ_j g_j ∂L/∂g_j = u - (g / c) Σ_j u_j``."""
+    total = u.sum(-1, keepdim=True)  # (..., 1)
+    if scale != 1:
+        total.div_(scale)
+    return torch.addcmul(u, gates, total, value=-1.0)  # (..., M)
+
+
 def _scaled_softmax(kept: torch.Tensor) -> torch.Tensor:
-    # K * softmax: equal logits give every kept expert weight 1, as inside a plain LoRA.
+    # top_k * softmax: equal logits give every kept expert weight 1, as inside a plain LoRA.
     return kept.shape[-1] * torch.softmax(kept, dim=-1)
+
+
+def _scaled_softmax_backward(u: torch.Tensor, gates: torch.Tensor, kept: int) -> torch.Tensor:
+    return _softmax_backward(u, gates, kept)  # c = K
 
 
 def _softmax(kept: torch.Tensor) -> torch.Tensor:
     return torch.softmax(kept, dim=-1)
 
 
-GATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "scaled_softmax": _scaled_softmax,
-    "softmax": _softmax,
-    "sigmoid": torch.sigmoid,
+def _plain_softmax_backward(u: torch.Tensor, gates: torch.Tensor, kept: int) -> torch.Tensor:
+    return _softmax_backward(u, gates, 1)  # c = 1
+
+
+def _sigmoid_backward(u: torch.Tensor, gates: torch.Tensor, kept: int) -> torch.Tensor:
+    """``g = σ(l)``: ``∂L/∂l = ∂L/∂g ⊙ g (1 - g) = u (1 - g)``."""
+    return torch.addcmul(u, u, gates, value=-1.0)  # (..., M)
+
+
+#: Every gate, once: name (``MoreConfig.gate``, ``GateType``) -> its forward and backward.
+GATES: dict[str, Gate] = {
+    "scaled_softmax": Gate(_scaled_softmax, _scaled_softmax_backward),
+    "softmax": Gate(_softmax, _plain_softmax_backward),
+    "sigmoid": Gate(torch.sigmoid, _sigmoid_backward),
 }
 
 
-def top_k_gates(logits: torch.Tensor, k: int, gate: str) -> torch.Tensor:
-    """Dense gates (..., M) with exactly ``k`` nonzero entries per row.
+def top_k_gates(logits: torch.Tensor, top_k: int, gate: str) -> torch.Tensor:
+    """Dense gates (..., M) with exactly ``top_k`` nonzero entries per row.
 
     Non-kept experts get a gate of exactly 0, so they add nothing to the output and
     receive no gradient; the kept ones get ``GATES[gate]`` of their logits.
     """
-    gate_fn = GATES[gate]
-    if k >= logits.shape[-1]:
+    gate_fn = GATES[gate].forward
+    if top_k >= logits.shape[-1]:
         return gate_fn(logits)
-    kept, index = logits.topk(k, dim=-1, sorted=False)  # (..., k)
+    kept, index = logits.topk(top_k, dim=-1, sorted=False)  # (..., top_k)
     return torch.zeros_like(logits).scatter_(-1, index, gate_fn(kept))  # (..., M)
 
 
-def top_k_gates_backward(u: torch.Tensor, gates: torch.Tensor, k: int, gate: str) -> torch.Tensor:
+def top_k_gates_backward(u: torch.Tensor, gates: torch.Tensor, top_k: int, gate: str) -> torch.Tensor:
     """The gradient of the loss w.r.t. the logits of ``top_k_gates``, from ``u = gates ⊙ ∂L/∂gates`` (..., M).
 
-    Closed forms of the three gates, restricted to the kept experts. Every one of
-    them is a multiple of the gate, so a dropped expert (gate exactly 0) gets
-    exactly 0 without knowing which were kept: the backward needs neither the
-    top-K indices nor the kept logits, only the dense gates saved by the forward.
-
-    - softmax ``p``, scaled by ``c`` (``c = K`` for scaled_softmax, 1 for softmax),
-      ``g = c p``: ``∂L/∂l = g ⊙ ∂L/∂g - p Σ_j g_j ∂L/∂g_j = u - (g / c) Σ_j u_j``;
-    - sigmoid ``g = σ(l)``: ``∂L/∂l = ∂L/∂g ⊙ g (1 - g) = u (1 - g)``.
+    The gate's closed form (``Gate.backward``), restricted to the kept experts: each is
+    a multiple of the gate, so dropped experts get exactly 0 from the dense gates alone.
     """
-    if gate == "sigmoid":
-        return torch.addcmul(u, u, gates, value=-1.0)  # (..., M)
-    scale = min(k, gates.shape[-1]) if gate == "scaled_softmax" else 1
-    total = u.sum(-1, keepdim=True).div_(scale)  # (..., 1)
-    return torch.addcmul(u, gates, total, value=-1.0)  # (..., M)
+    return GATES[gate].backward(u, gates, min(top_k, gates.shape[-1]))
 
 
 def rank_input_scale(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
