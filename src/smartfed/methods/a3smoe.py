@@ -5,8 +5,8 @@ Federated Fine-tuning Foundation Models" (seed 004):
 
 - resource-conditional computation (Eq. 4): client c with budget β_c keeps
   ``K_c = ⌊K_max β_c⌋`` experts per token, bounded to ``[1, M_t]``, in every
-  matrix t (here K_max = ``--topk_experts`` and the experts are the pool's
-  rank-one pieces, as in SmartFed);
+  matrix t (here K_max = ``--topk_experts``, the ``top_k`` of a full budget,
+  and the experts are the pool's rank-one pieces, as in SmartFed);
 - activation-aware aggregation (Eq. 7): clients send, beside their router,
   the activation frequency ``p_ic = a_ic / Σ_j a_jc`` of every expert i; the server
   averages the parameters that belong to expert i with weights
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..eeqa import client_budget
 from ..more import MoreModel
 from ..run.config import RunConfig
 from .aggregation import Combine, weighted_mean
@@ -39,9 +40,13 @@ from .smartfed import SmartFed
 ACTIVATION_PREFIX = "activation."
 
 
-def client_top_k(k_max: int, budget: float, num_experts: int) -> int:
-    """Eq. 4: K_c = ⌊K_max β_c⌋, bounded to [1, min(K_max, M_t)]."""
-    return max(1, min(int(k_max * budget), k_max, num_experts))
+def client_top_k(top_k: int, budget: float, num_experts: int) -> int:
+    """Eq. 4: K_c = ⌊K_max β_c⌋ with K_max = ``top_k`` (the full budget's), bounded to [1, min(top_k, M_t)].
+
+    The floor is exact for a decimal β (``client_budget``): ⌊0.29 · 100⌋ is 29, where
+    ``int(0.29 * 100)`` floors the binary product 28.999… to 28.
+    """
+    return max(1, min(client_budget(top_k, budget), top_k, num_experts))
 
 
 def activation_aware_weights(

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..eeqa import client_budget
 from ..more import LoraPool, MoreConfig, Router, top_k_gates
 from ..run.config import RunConfig
 from .base import LocalTrainConfig
@@ -50,7 +51,7 @@ class AdapterRouter(nn.Module):
         super().__init__()
         self.router = Router(num_adapters, in_features, config, generator=generator)
         self.gate = config.gate
-        self.max_k = top_k
+        self.full_top_k = top_k  # at budget β = 1; a client keeps max(1, ⌊β·full_top_k⌋)
         self.top_k = top_k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,7 @@ class SmartFedModule(GatedAdapterMethod):
         extras: Mapping[str, torch.Tensor],
         config: LocalTrainConfig,
     ) -> None:
-        # A³SMoE's heterogeneity: a client of budget β keeps ⌊β·K⌋ adapters per matrix (at least one).
+        # A³SMoE's heterogeneity: a client of budget β keeps ⌊β·K⌋ adapters per matrix (at least one),
+        # the floor exact for a decimal β (``client_budget``: ⌊0.29·100⌋ = 29, not int(0.29 * 100) = 28).
         for router in self.gates(model).values():
-            router.top_k = max(1, int(router.max_k * config.budget))
+            router.top_k = max(1, client_budget(router.full_top_k, config.budget))
