@@ -1,0 +1,5 @@
+"""``python -m smartfed.cli``: the ``smartfed`` command."""
+
+from . import main
+
+main()

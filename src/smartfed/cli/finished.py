@@ -1,0 +1,152 @@
+"""Using a finished run: ``generate``, ``eval``, ``export``.
+
+The work is done in ``smartfed.serving`` (``inference``, ``evaluate``, ``export``);
+these commands parse the options, call it and print what it did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .common import DebugOpt, PoolOpt, RoundOpt, RunDirArg, error_exit, load_run
+
+
+def generate_command(
+    run_dir: RunDirArg,
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="The prompt (the chat template is applied when the tokenizer has one).")
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max_new_tokens", min=1, help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.")] = 0.0,
+    round_: RoundOpt = None,
+    pool: PoolOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Answer one prompt with a finished run's routed model, streaming tokens to the terminal."""
+    import torch
+    from transformers import TextStreamer
+
+    from ..data.collate import encode_prompt, pad_token_id
+
+    if not prompt.strip():  # checked before the model loads: nothing to answer
+        raise ValueError("--prompt is empty: give the text to answer")
+    model, tokenizer = load_run(run_dir, round_, pool, debug)
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ValueError(f"--prompt {prompt[:40]!r} encodes to no tokens with the run's tokenizer")
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            pad_token_id=pad_token_id(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+
+
+def eval_command(
+    run_dir: RunDirArg,
+    task: Annotated[
+        Optional[str],
+        typer.Option("--task", help="Registered task name or Alpaca-style JSONL file (default: the run's task)."),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="Score only the first N held-out items.")
+    ] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option("--max_new_tokens", min=1, help="Tokens per answer (default: the run's).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch_size", min=1, help="Prompts per generate call.")] = 16,
+    round_: RoundOpt = None,
+    pool: PoolOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Score a finished run on the held-out split of a task; writes eval/<task>/ in the run folder."""
+    from ..serving.evaluate import evaluate_run
+
+    loaded = load_run(run_dir, round_, pool, debug)
+    try:
+        result = evaluate_run(loaded, task, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    except (FileNotFoundError, ValueError) as err:  # a task that does not load: file and line named
+        error_exit(err, debug)
+    typer.echo(f"{result.task}: {result.metric} {result.score:.4f} on {result.n} held-out items (round {result.round})")
+    typer.echo(f"wrote {result.predictions_file} and {result.scores_file}")
+
+
+def export_command(
+    run_dir: RunDirArg,
+    output: Annotated[Path, typer.Option("--output", help="Folder to write the adapter to.", show_default=False)],
+    rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank R of the export (truncated SVD per matrix).")],
+    to: Annotated[str, typer.Option("--to", help="Export format; 'peft' (a PEFT LoRA adapter).")] = "peft",
+    calibration: Annotated[
+        int, typer.Option("--calibration", min=1, help="Training examples of the run's task to average the gates over.")
+    ] = 64,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="Held-out items to score both models on (default: all).")
+    ] = None,
+    max_new_tokens: Annotated[
+        Optional[int],
+        typer.Option("--max_new_tokens", min=1, help="Tokens per answer when scoring (default: the run's)."),
+    ] = None,
+    no_eval: Annotated[bool, typer.Option("--no_eval", help="Only write the adapter; do not score it.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder.")] = False,
+    round_: RoundOpt = None,
+    pool: PoolOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Export the routed mixture of a finished run as a static PEFT LoRA adapter of rank R, and score what it costs."""
+    from ..serving.export import check_output, compare_scores, export_run, write_report
+
+    if to != "peft":
+        error_exit(f"--to {to!r}: the only export format is 'peft'")
+    try:  # not into a run folder, the model's folder, or over anything but an earlier export
+        check_output(output, overwrite=overwrite, run_dir=run_dir)
+    except (FileExistsError, ValueError) as err:
+        error_exit(err, debug)
+    loaded = load_run(run_dir, round_, pool, debug)
+    try:
+        loaded, report = export_run(
+            run_dir, output, rank=rank, calibration=calibration, overwrite=overwrite, loaded=loaded
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        error_exit(err, debug)
+    exact = sum(m.rel_error < 1e-6 for m in report.matrices)
+    padded = sum(m.experts < rank for m in report.matrices)
+    typer.echo(
+        f"wrote a PEFT LoRA adapter (r = lora_alpha = {rank}, {len(report.matrices)} matrices) to {report.output}"
+    )
+    typer.echo(
+        f"gates: mean over {report.info['calibration_examples']} training examples; relative truncation error "
+        f"max {report.max_rel_error:.4f}, mean {report.mean_rel_error:.4f}; exact for {exact}/{len(report.matrices)} matrices"
+        + (f"; {padded} matrices have fewer than {rank} experts (zero-padded)" if padded else "")
+    )
+    if no_eval:
+        return
+    scores = compare_scores(loaded, report.output, limit=limit, max_new_tokens=max_new_tokens)
+    table = Table(title=f"held-out {loaded.config.task} ({scores['routed']['metric']})", caption="greedy, same items")
+    for column in ("model", "score", "n"):
+        table.add_column(column)
+    labels = {
+        "base": "base model (no adapter)",
+        "routed": f"routed MoRE (round {loaded.round})",
+        "export": f"static PEFT LoRA r={rank}",
+    }
+    for key in ("base", "routed", "export"):
+        if key in scores:
+            table.add_row(labels[key], f"{scores[key]['score']:.4f}", str(int(scores[key]["n"])))
+    Console().print(table)
+    report.info["scores"] = scores
+    write_report(report)

@@ -1,0 +1,63 @@
+"""Command-line options from a config dataclass: one ``--field`` per field, with the field's help.
+
+A command that takes ``**values`` gets, through ``add_dataclass_options``, a
+signature (which typer reads) with its own parameters followed by one
+keyword-only option per field of the dataclass, spelled ``--field_name`` as in
+the paper's reference CLI (``--num_rounds``). The help is the field's
+``metadata["help"]``.
+
+Two kinds of default:
+
+* ``overrides=False``: the option's default is the field's default (``zoo
+  build``, ``demo``: the dataclass is built from the options alone).
+* ``overrides=True``: every option defaults to None, unshown, and a bool
+  field is a ``--field/--no_field`` pair; the command passes on only the
+  options given, which override a ``--config`` file (``run``, ``compare``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Collection
+from dataclasses import fields, is_dataclass
+from typing import Any, Optional, TypeVar
+
+import typer
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def dataclass_options(cls: type, *, overrides: bool = False, exclude: Collection[str] = ()) -> list[inspect.Parameter]:
+    """One keyword-only typer option per field of the dataclass ``cls`` (module docstring), but those in ``exclude``."""
+    if not is_dataclass(cls):
+        raise TypeError(f"dataclass_options: {cls!r} is not a dataclass")
+    params = []
+    for f in fields(cls):
+        if f.name in exclude:
+            continue
+        if overrides:
+            kind = {int: int, float: float, bool: bool}.get(type(f.default), str)
+            names = [f"--{f.name}/--no_{f.name}"] if kind is bool else [f"--{f.name}"]
+            option = typer.Option(None, *names, help=f.metadata.get("help", ""), show_default=False)
+            annotation: Any = Optional[kind]  # a runtime type: typer reads it
+        else:
+            option = typer.Option(f.default, f"--{f.name}", help=f.metadata.get("help", ""))
+            annotation = type(f.default)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def add_dataclass_options(
+    command: Command, cls: type, *, overrides: bool = False, exclude: Collection[str] = ()
+) -> Command:
+    """Replace the ``**values`` of ``command``'s signature by ``dataclass_options(cls, ...)``; returns ``command``.
+
+    Call it before wrapping the command (``functools.wraps`` copies the signature).
+    """
+    own = inspect.signature(command, eval_str=True)  # resolved: typer reads the options in Annotated
+    base = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    if len(base) == len(own.parameters):
+        raise TypeError(f"add_dataclass_options: {command.__name__} takes no **values to hold the options")
+    options = dataclass_options(cls, overrides=overrides, exclude=exclude)
+    command.__signature__ = own.replace(parameters=base + options)  # type: ignore[attr-defined]
+    return command
