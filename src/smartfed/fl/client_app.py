@@ -10,13 +10,13 @@ import json
 
 import datasets
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from ..data import batches, read_alpaca_jsonl
-from ..methods import LocalTrainConfig
+from ..methods import LocalResult, LocalTrainConfig
 from ..run.config import RunConfig
 from ..run.seeds import derive_seed
 from . import keys, secagg
@@ -53,18 +53,50 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
-    """One local round: load the server state, train on local batches, send state + extras."""
+    """One local round: load the server state, train on local batches, send state + extras.
+
+    The reply's ``num-examples`` (FedAvg's weight) is the method's ``LocalResult.num_examples``:
+    the examples it trained on this round (the built-in methods: ``local_steps × batch_size``).
+    """
     if config.client_threads:
         torch.set_num_threads(config.client_threads)
     pid = partition_id(context)
-    runtime = get_runtime(config)
-    method, model = runtime.method, runtime.model
     legacy = secagg.is_legacy_fit(msg.content)  # --secagg: SecAgg+'s collect stage, legacy FitIns records
     if legacy:
         arrays, round_config = secagg.unpack_fitins(msg.content)
     else:
         arrays = wire_decode(msg.content[keys.ARRAYS].to_torch_state_dict(), config.wire_dtype)
         round_config = msg.content[keys.CONFIG]
+    result, sent_state = _train(context, config, pid, arrays, round_config)
+    state = {k: v.detach().cpu().contiguous() for k, v in result.state.items()}
+    clipping_norm = round_config.get(KEY_CLIPPING_NORM)
+    if clipping_norm is not None:  # --dp client: clip the delta before it leaves the node
+        state = clip_state(state, sent_state, float(clipping_norm))
+    extras = {k: v.detach().cpu().contiguous() for k, v in result.extras.items()}
+    if legacy:  # secaggplus_mod masks these arrays and sends only the masked vector
+        return Message(secagg.pack_fitres({**state, **extras}, result.num_examples, result.train_loss), reply_to=msg)
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: result.num_examples,
+            keys.TRAIN_LOSS: result.train_loss,
+            keys.STATE_BYTES: wire_bytes(state, config.wire_dtype),
+            keys.EXTRAS_BYTES: wire_bytes(extras, config.wire_dtype),
+        }
+    )
+    arrays_up = ArrayRecord(wire_encode({**state, **extras}, config.wire_dtype))
+    content = RecordDict({keys.ARRAYS: arrays_up, keys.METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+def _train(
+    context: Context, config: RunConfig, pid: int, arrays: dict[str, torch.Tensor], round_config: ConfigRecord
+) -> tuple[LocalResult, dict[str, torch.Tensor]]:
+    """(the method's local round on this node's data, the state it started from) for the server's ``arrays``.
+
+    The node's kept tensors (``context.state``, never sent) are restored before and saved after.
+    """
+    runtime = get_runtime(config)
+    method, model = runtime.method, runtime.model
     server_round = int(round_config[keys.SERVER_ROUND])
     payload = json.loads(str(round_config.get(keys.PAYLOAD, "{}")))
     state_keys = set(method.get_state(model))
@@ -90,27 +122,10 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
         max_length=config.max_length,
     )
     result = method.local_train(model, local_batches, train_config)
-    state = {k: v.detach().cpu().contiguous() for k, v in result.state.items()}
-    clipping_norm = round_config.get(KEY_CLIPPING_NORM)
-    if clipping_norm is not None:  # --dp client: clip the delta before it leaves the node
-        state = clip_state(state, {k: v for k, v in arrays.items() if k in state_keys}, float(clipping_norm))
-    extras = {k: v.detach().cpu().contiguous() for k, v in result.extras.items()}
     kept = method.get_private_state(model)
     if kept:
         context.state[keys.PRIVATE] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in kept.items()})
-    if legacy:  # secaggplus_mod masks these arrays and sends only the masked vector
-        return Message(secagg.pack_fitres({**state, **extras}, len(data), result.train_loss), reply_to=msg)
-    metrics = MetricRecord(
-        {
-            keys.NUM_EXAMPLES: len(data),
-            keys.TRAIN_LOSS: result.train_loss,
-            keys.STATE_BYTES: wire_bytes(state, config.wire_dtype),
-            keys.EXTRAS_BYTES: wire_bytes(extras, config.wire_dtype),
-        }
-    )
-    arrays_up = ArrayRecord(wire_encode({**state, **extras}, config.wire_dtype))
-    content = RecordDict({keys.ARRAYS: arrays_up, keys.METRICS: metrics})
-    return Message(content, reply_to=msg)
+    return result, {k: v for k, v in arrays.items() if k in state_keys}
 
 
 def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:

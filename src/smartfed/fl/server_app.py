@@ -12,6 +12,12 @@ fewer than ``min_fit_clients`` valid replies is re-sampled, skipped or ends the 
 (``on_insufficient``). Each round writes its metrics line *before* its checkpoint:
 a crash between the two resumes from the previous checkpoint, redoes the round and
 replaces its line, so metrics.jsonl never loses nor repeats a round.
+
+A round runs in four phases (``Federation``): collect the valid replies (retries,
+SecAgg+, validation), aggregate them, evaluate, record. Its inputs to the strategy
+travel in a ``RoundContext`` (``round.py``) bound to the strategy for that round;
+aggregation's results come back in the same object, so one round's logic reads
+top to bottom here instead of through attributes set and read on the strategy.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
@@ -39,6 +46,7 @@ from ..run.config import RunConfig
 from ..run.folder import RunFolder
 from . import keys, privacy, secagg
 from .energy import EnergyMeter
+from .round import RoundContext
 from .runtime import Runtime, get_runtime
 from .strategy import SmartFedStrategy, combine_for
 from .validation import Candidate, ReplyRules, validate
@@ -108,18 +116,20 @@ def _rules(runtime: Runtime, config: RunConfig, state: dict[str, torch.Tensor], 
     return rules
 
 
-def _secure_attempt(grid: Grid, strategy: SmartFedStrategy, config: RunConfig, server_round: int, down, train_config):
+def _secure_attempt(
+    grid: Grid, strategy: SmartFedStrategy, config: RunConfig, ctx: RoundContext, train_config: ConfigRecord
+) -> tuple[list[Candidate], list[dict[str, Any]], dict[str, torch.Tensor] | None]:
     """One SecAgg+ attempt: (accepted clients, failures, the unmasked mean or None)."""
-    sampled = strategy.sample_partitions(server_round)
+    sampled = strategy.sample_partitions(ctx.server_round, ctx.attempt)
     nodes = [strategy.node_of_partition[p] for p in sampled]
     merged, clients, error = secagg.secure_round(
         grid,
-        server_round,
+        ctx.server_round,
         nodes,
-        down,
+        {**ctx.state, **ctx.extras},
         train_config,
         clipping_range=config.secagg_clipping_range,
-        max_weight=float(config.num_train),
+        max_weight=_secagg_max_weight(config),
         timeout=config.round_timeout,
     )
     if merged is not None and not all(bool(torch.isfinite(v).all()) for v in merged.values()):
@@ -138,6 +148,15 @@ def _secure_attempt(grid: Grid, strategy: SmartFedStrategy, config: RunConfig, s
         if p not in done
     ]
     return accepted, failures, merged
+
+
+def _secagg_max_weight(config: RunConfig) -> float:
+    """SecAgg+'s bound on one client's weight (its num-examples): a weight above it may overflow the masked sum.
+
+    Clients weigh by the examples they trained on (``LocalResult.num_examples``): for the
+    built-in methods ``local_steps × batch_size``, which may exceed ``num_train``.
+    """
+    return float(max(config.num_train, config.local_steps * config.batch_size))
 
 
 def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -165,7 +184,6 @@ def _serve(
     grid: Grid, config: RunConfig, folder: RunFolder, strategy: SmartFedStrategy, *, resume: bool, progress: bool
 ) -> dict[str, Any]:
     runtime = get_runtime(config)
-    method, model = runtime.method, runtime.model
     if resume:  # the adapters' weights, now that they are loaded: changed in place is another pool
         folder.check_resume(config, runtime.pool)
     log(INFO, "SmartFed run folder: %s", folder.path)
@@ -174,13 +192,9 @@ def _serve(
     start, payload, extras, rows = _restore(folder, runtime) if resume else (0, {}, {}, [])
     if start == 0:  # a fresh run, or a resume of one killed before its first checkpoint
         folder.write_metrics([])
-        payload = {"quotas": model.quotas()} if hasattr(model, "quotas") else {}
+        payload = {"quotas": runtime.model.quotas()} if hasattr(runtime.model, "quotas") else {}
 
-    strategy.method = method
-    strategy.uniform_weights = config.dp != "none"
-    trainer = privacy.dp_strategy(strategy, config)  # Flower's DP wrapper around the strategy, or itself
-    dp_history = [r["dp"]["noise_multiplier_effective"] for r in rows if r.get("dp")]
-    energy = EnergyMeter(config.energy, folder.path)
+    federation = Federation(grid, config, folder, strategy, runtime, payload=payload, extras=extras, rows=rows)
     started = time.monotonic()
     bar = tqdm(
         range(start + 1, config.num_rounds + 1),
@@ -190,121 +204,7 @@ def _serve(
         total=config.num_rounds,
     )
     for server_round in bar:
-        t0 = time.monotonic()
-        energy.start()  # training: sampling, local training, aggregation (the claims' costs)
-        state = method.get_state(model)
-        down = {**state, **extras}
-        strategy.down_extras = extras
-        strategy.combine = combine_for(config, state)
-        rules = _rules(runtime, config, state, extras)
-        dropped: list[dict[str, Any]] = []
-        accepted, sent, secure = [], 0, None
-        for attempt in range(config.round_retries + 1 if config.on_insufficient == "retry" else 1):
-            strategy.attempt = attempt
-            train_config = ConfigRecord({keys.PAYLOAD: json.dumps(payload, sort_keys=True)})
-            messages = list(
-                trainer.configure_train(server_round, ArrayRecord(torch_state_dict=state), train_config, grid)
-            )
-            sent += len(messages)
-            if config.secagg:  # the messages above are not sent: SecAgg+ runs its own four exchanges
-                accepted, failures, secure = _secure_attempt(grid, strategy, config, server_round, down, train_config)
-                candidates = []
-            else:
-                replies = list(grid.send_and_receive(messages, timeout=strategy.timeout))
-                _failpoint("replied", server_round)
-                candidates, failures = strategy.decode(replies, messages)
-                accepted = validate(candidates, rules)
-            for entry in failures + [
-                {"partition": c.partition, "node": c.node, "reason": c.reason} for c in candidates if c.reason
-            ]:
-                log(INFO, "round %d: dropped client %s (node %s): %s", server_round, *entry.values())
-                dropped.append({**entry, "attempt": attempt})
-            if len(accepted) >= config.min_fit_clients:
-                break
-            log(
-                INFO,
-                "round %d: %d valid replies < min_fit_clients=%d (attempt %d)",
-                server_round,
-                len(accepted),
-                config.min_fit_clients,
-                attempt,
-            )
-        skipped = len(accepted) < config.min_fit_clients
-        if skipped and config.on_insufficient == "fail":
-            raise RunFailed(
-                f"round {server_round}: {len(accepted)} valid client replies, fewer than "
-                f"min_fit_clients={config.min_fit_clients} (on_insufficient='fail'); dropped: {dropped}"
-            )
-        update_log: dict[str, Any] = {}
-        updates: list[ClientUpdate] = []
-        dp_entry = None
-        if not skipped and config.secagg:
-            method.set_state(model, {k: secure[k].to(state[k].dtype) for k in state})
-            update = method.server_update(server_round, model, {k: v for k, v in secure.items() if k not in state})
-            payload, extras, update_log = update.payload, update.extras, update.log
-            updates = [ClientUpdate(c.partition, {}, int(c.num_examples), float(c.train_loss)) for c in accepted]
-        elif not skipped:
-            reply_of = {c.partition: r for r in replies for c in accepted if c.node == r.metadata.src_node_id}
-            held = strategy.hold(reply_of, accepted, list(state))
-            aggregated, _ = trainer.aggregate_train(server_round, held)
-            if aggregated is None:
-                raise RuntimeError(f"round {server_round}: aggregation returned nothing from {len(held)} replies")
-            merged_state = aggregated.to_torch_state_dict()
-            method.set_state(model, {k: merged_state[k].to(state[k].dtype) for k in state})
-            update = method.server_update(server_round, model, strategy.merged_extras)
-            payload, extras, update_log = update.payload, update.extras, update.log
-            updates = strategy.updates
-            if config.dp != "none":
-                dp_entry, z_eff = privacy.round_log(config, len(accepted), dp_history)
-                dp_history.append(z_eff)
-
-        train_kwh, energy_method = energy.stop()
-        train_seconds = time.monotonic() - t0
-        wire = config.wire_dtype
-        up_state = [wire_bytes({k: v for k, v in c.arrays.items() if k in state}, wire) for c in accepted]
-        up_extras = [wire_bytes({k: v for k, v in c.arrays.items() if k not in state}, wire) for c in accepted]
-        row: dict[str, Any] = {
-            "round": server_round,
-            "clients": strategy.sample_partitions(server_round),
-            "clients_replied": len(accepted),
-            "attempts": strategy.attempt + 1,
-            "skipped": skipped,
-            "dropped": dropped,
-            "train_loss": weighted_loss(updates) if updates else None,
-            "wire_dtype": wire,
-            "bytes_down_per_client": wire_bytes(down, wire),
-            "bytes_down": wire_bytes(down, wire) * sent,
-            "bytes_up_state": sum(up_state),
-            "bytes_up_extras": sum(up_extras),
-            "bytes_up_per_client": (sum(up_state) + sum(up_extras)) / max(len(accepted), 1),
-            "bytes_up": sum(up_state) + sum(up_extras),
-            **update_log,
-        }
-        if dp_entry is not None:
-            row["dp"] = dp_entry
-        row.update(train_seconds=train_seconds, train_kwh=train_kwh)
-        t_eval, eval_kwh = time.monotonic(), None
-        if server_round % config.eval_every == 0 or server_round == config.num_rounds:
-            energy.start()  # evaluation apart: it is the server's, not part of reaching the task
-            result = _evaluate(runtime)
-            eval_kwh, _ = energy.stop()
-            row.update(eval_metric=runtime.task.metric, eval_score=result["score"], eval_n=result["n"])
-            row["eval_items"] = result["items"]  # per held-out item, in order: paired, item-resampled intervals
-        else:
-            row.update(eval_metric=runtime.task.metric, eval_score=None, eval_n=0)
-        kwh = None if train_kwh is None else train_kwh + (eval_kwh or 0.0)
-        row.update(
-            eval_seconds=time.monotonic() - t_eval,
-            eval_kwh=eval_kwh,
-            wall_seconds=time.monotonic() - t0,
-            energy_kwh=kwh,
-            energy_method=energy_method,
-        )
-        rows.append(row)
-        folder.write_metrics(rows)  # before the checkpoint: see the module docstring
-        _failpoint("metrics", server_round)
-        folder.save_checkpoint(server_round, {**method.get_state(model), **extras}, payload)
-        _failpoint("checkpoint", server_round)
+        row = federation.run_round(server_round)
         bar.set_postfix(loss=row["train_loss"], score=row["eval_score"])
 
     summary = _summarise(config, rows, time.monotonic() - started)
@@ -312,6 +212,229 @@ def _serve(
     if summary["status"] == "failed":
         log(INFO, "SmartFed run failed: %s", summary["reason"])
     return summary
+
+
+@dataclass
+class Collected:
+    """What the collect phase hands to aggregation: the round's valid replies and what was dropped on the way."""
+
+    accepted: list[Candidate] = field(default_factory=list)  # valid replies of the last attempt, by partition
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # (partition, node, reason, attempt), all attempts
+    sent: int = 0  # messages configured, all attempts (what bytes_down counts)
+    replies: list[Message] = field(default_factory=list)  # the last attempt's replies (plain rounds)
+    secure: dict[str, torch.Tensor] | None = None  # SecAgg+'s unmasked mean (--secagg rounds)
+    skipped: bool = False  # fewer than min_fit_clients valid replies after every attempt
+
+
+@dataclass
+class Aggregated:
+    """What the aggregate phase gives: the payload and extras the next round sends, and this round's log."""
+
+    payload: dict[str, Any]
+    extras: dict[str, torch.Tensor]
+    log: dict[str, Any] = field(default_factory=dict)  # the method's server_update log (into metrics.jsonl)
+    updates: list[ClientUpdate] = field(default_factory=list)  # the aggregated replies (the round's train loss)
+    dp: dict[str, Any] | None = None  # this round's DP accounting entry (--dp)
+
+
+class Federation:
+    """One run's rounds, each in four phases: collect replies, aggregate, evaluate, record.
+
+    It holds what lives from round to round (the payload and extras sent down next, the
+    metrics rows, the DP history); a round's own values live in its ``RoundContext``, bound
+    to the strategy for the round, and in the phases' results (``Collected``, ``Aggregated``).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: RunConfig,
+        folder: RunFolder,
+        strategy: SmartFedStrategy,
+        runtime: Runtime,
+        *,
+        payload: dict[str, Any],
+        extras: dict[str, torch.Tensor],
+        rows: list[dict[str, Any]],
+    ) -> None:
+        self.grid, self.config, self.folder, self.strategy, self.runtime = grid, config, folder, strategy, runtime
+        self.trainer = privacy.dp_strategy(strategy, config)  # Flower's DP wrapper around the strategy, or itself
+        self.payload, self.extras, self.rows = payload, extras, rows
+        self.dp_history = [r["dp"]["noise_multiplier_effective"] for r in rows if r.get("dp")]
+        self.energy = EnergyMeter(config.energy, folder.path)
+
+    def run_round(self, server_round: int) -> dict[str, Any]:
+        """One round, its metrics line written and its checkpoint saved; returns the line."""
+        t0 = time.monotonic()
+        self.energy.start()  # training: sampling, local training, aggregation (the claims' costs)
+        method = self.runtime.method
+        state = method.get_state(self.runtime.model)
+        ctx = RoundContext(
+            server_round,
+            method,
+            combine_for(self.config, state),
+            state,
+            self.extras,
+            uniform_weights=self.config.dp != "none",
+        )
+        with self.strategy.bound(ctx):
+            collected = self.collect(ctx)
+            outcome = self.aggregate(ctx, collected)
+        train_kwh, energy_method = self.energy.stop()
+        row = self._row(ctx, collected, outcome)
+        row.update(train_seconds=time.monotonic() - t0, train_kwh=train_kwh)
+        row.update(self.evaluate(server_round))
+        kwh = None if train_kwh is None else train_kwh + (row["eval_kwh"] or 0.0)
+        row.update(wall_seconds=time.monotonic() - t0, energy_kwh=kwh, energy_method=energy_method)
+        self.record(server_round, row, outcome)
+        return row
+
+    # --- phase 1: collect -------------------------------------------------------------------------------
+    def collect(self, ctx: RoundContext) -> Collected:
+        """The round's valid replies: sample, send, decode, validate; re-sample while too few (``retry``).
+
+        A round short of ``min_fit_clients`` valid replies after every attempt is skipped,
+        or ends the run (``on_insufficient='fail'``).
+        """
+        config = self.config
+        rules = _rules(self.runtime, config, ctx.state, ctx.extras)
+        collected = Collected()
+        for attempt in range(config.round_retries + 1 if config.on_insufficient == "retry" else 1):
+            ctx.attempt = attempt
+            failures, candidates = self._attempt(ctx, collected, rules)
+            for entry in failures + [
+                {"partition": c.partition, "node": c.node, "reason": c.reason} for c in candidates if c.reason
+            ]:
+                log(INFO, "round %d: dropped client %s (node %s): %s", ctx.server_round, *entry.values())
+                collected.dropped.append({**entry, "attempt": attempt})
+            if len(collected.accepted) >= config.min_fit_clients:
+                break
+            log(
+                INFO,
+                "round %d: %d valid replies < min_fit_clients=%d (attempt %d)",
+                ctx.server_round,
+                len(collected.accepted),
+                config.min_fit_clients,
+                attempt,
+            )
+        collected.skipped = len(collected.accepted) < config.min_fit_clients
+        if collected.skipped and config.on_insufficient == "fail":
+            raise RunFailed(
+                f"round {ctx.server_round}: {len(collected.accepted)} valid client replies, fewer than "
+                f"min_fit_clients={config.min_fit_clients} (on_insufficient='fail'); dropped: {collected.dropped}"
+            )
+        return collected
+
+    def _attempt(
+        self, ctx: RoundContext, collected: Collected, rules: Callable[[int], ReplyRules]
+    ) -> tuple[list[dict[str, Any]], list[Candidate]]:
+        """One sampling of the round: (failures, decoded replies); sets ``collected``'s accepted replies."""
+        train_config = ConfigRecord({keys.PAYLOAD: json.dumps(self.payload, sort_keys=True)})
+        state = ArrayRecord(torch_state_dict=ctx.state)
+        messages = list(self.trainer.configure_train(ctx.server_round, state, train_config, self.grid))
+        collected.sent += len(messages)
+        if self.config.secagg:  # the messages above are not sent: SecAgg+ runs its own four exchanges
+            accepted, failures, collected.secure = _secure_attempt(
+                self.grid, self.strategy, self.config, ctx, train_config
+            )
+            collected.accepted = accepted
+            return failures, []
+        collected.replies = list(self.grid.send_and_receive(messages, timeout=self.strategy.timeout))
+        _failpoint("replied", ctx.server_round)
+        candidates, failures = self.strategy.decode(collected.replies, messages)
+        collected.accepted = validate(candidates, rules)
+        return failures, candidates
+
+    # --- phase 2: aggregate -----------------------------------------------------------------------------
+    def aggregate(self, ctx: RoundContext, collected: Collected) -> Aggregated:
+        """The method's aggregate of the valid replies loaded into the model, then its server update.
+
+        A skipped round changes nothing: the payload and extras go down again as they were.
+        """
+        if collected.skipped:
+            return Aggregated(self.payload, self.extras)
+        method, model = ctx.method, self.runtime.model
+        if self.config.secagg:  # the server only learns the (unmasked) mean: no per-client arrays
+            merged = collected.secure
+            assert merged is not None  # min_fit_clients >= 1 valid replies: SecAgg+ unmasked their mean
+            merged_extras = {k: v for k, v in merged.items() if k not in ctx.state}
+            updates = [
+                ClientUpdate(c.partition, {}, int(c.num_examples), float(c.train_loss)) for c in collected.accepted
+            ]
+        else:
+            merged = self._aggregate_replies(ctx, collected)
+            merged_extras, updates = ctx.merged_extras, ctx.updates
+        method.set_state(model, {k: merged[k].to(ctx.state[k].dtype) for k in ctx.state})
+        update = method.server_update(ctx.server_round, model, merged_extras)
+        outcome = Aggregated(update.payload, update.extras, update.log, updates)
+        if not self.config.secagg and self.config.dp != "none":
+            outcome.dp, z_eff = privacy.round_log(self.config, len(collected.accepted), self.dp_history)
+            self.dp_history.append(z_eff)
+        return outcome
+
+    def _aggregate_replies(self, ctx: RoundContext, collected: Collected) -> dict[str, torch.Tensor]:
+        """The aggregated state, through the (DP-wrapped) strategy; the merged extras land in ``ctx``."""
+        reply_of = {
+            c.partition: r for r in collected.replies for c in collected.accepted if c.node == r.metadata.src_node_id
+        }
+        held = self.strategy.hold(reply_of, collected.accepted)
+        aggregated, _ = self.trainer.aggregate_train(ctx.server_round, held)
+        if aggregated is None:
+            raise RuntimeError(f"round {ctx.server_round}: aggregation returned nothing from {len(held)} replies")
+        return aggregated.to_torch_state_dict()
+
+    def _row(self, ctx: RoundContext, collected: Collected, outcome: Aggregated) -> dict[str, Any]:
+        """The round's metrics line up to its timings: who took part, what was dropped, bytes each way, the log."""
+        wire, accepted = self.config.wire_dtype, collected.accepted
+        down = {**ctx.state, **ctx.extras}
+        up_state = [wire_bytes({k: v for k, v in c.arrays.items() if k in ctx.state}, wire) for c in accepted]
+        up_extras = [wire_bytes({k: v for k, v in c.arrays.items() if k not in ctx.state}, wire) for c in accepted]
+        row: dict[str, Any] = {
+            "round": ctx.server_round,
+            "clients": self.strategy.sample_partitions(ctx.server_round, ctx.attempt),
+            "clients_replied": len(accepted),
+            "attempts": ctx.attempt + 1,
+            "skipped": collected.skipped,
+            "dropped": collected.dropped,
+            "train_loss": weighted_loss(outcome.updates) if outcome.updates else None,
+            "wire_dtype": wire,
+            "bytes_down_per_client": wire_bytes(down, wire),
+            "bytes_down": wire_bytes(down, wire) * collected.sent,
+            "bytes_up_state": sum(up_state),
+            "bytes_up_extras": sum(up_extras),
+            "bytes_up_per_client": (sum(up_state) + sum(up_extras)) / max(len(accepted), 1),
+            "bytes_up": sum(up_state) + sum(up_extras),
+            **outcome.log,
+        }
+        if outcome.dp is not None:
+            row["dp"] = outcome.dp
+        return row
+
+    # --- phase 3: evaluate ------------------------------------------------------------------------------
+    def evaluate(self, server_round: int) -> dict[str, Any]:
+        """The round's eval fields: held-out score every ``eval_every`` rounds and in the last, else none."""
+        config, runtime = self.config, self.runtime
+        t_eval, eval_kwh = time.monotonic(), None
+        if server_round % config.eval_every == 0 or server_round == config.num_rounds:
+            self.energy.start()  # evaluation apart: it is the server's, not part of reaching the task
+            result = _evaluate(runtime)
+            eval_kwh, _ = self.energy.stop()
+            fields = {"eval_metric": runtime.task.metric, "eval_score": result["score"], "eval_n": result["n"]}
+            fields["eval_items"] = result["items"]  # per held-out item, in order: paired, item-resampled intervals
+        else:
+            fields = {"eval_metric": runtime.task.metric, "eval_score": None, "eval_n": 0}
+        return {**fields, "eval_seconds": time.monotonic() - t_eval, "eval_kwh": eval_kwh}
+
+    # --- phase 4: record --------------------------------------------------------------------------------
+    def record(self, server_round: int, row: dict[str, Any], outcome: Aggregated) -> None:
+        """The metrics line, then the checkpoint (see the module docstring); the next round sends ``outcome``'s."""
+        self.payload, self.extras = outcome.payload, outcome.extras
+        self.rows.append(row)
+        self.folder.write_metrics(self.rows)  # before the checkpoint: see the module docstring
+        _failpoint("metrics", server_round)
+        state = self.runtime.method.get_state(self.runtime.model)
+        self.folder.save_checkpoint(server_round, {**state, **self.extras}, self.payload)
+        _failpoint("checkpoint", server_round)
 
 
 def failure_reason(rows: list[dict[str, Any]]) -> str | None:

@@ -6,11 +6,27 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ..run.config import RunConfig
 from ..run.folder import RunFolder
 from .client_app import make_client_app
 from .server_app import make_server_app
+
+
+def _backend_config(config: RunConfig, *, verbose: bool) -> dict[str, Any]:
+    """Ray's resources and start arguments for Flower's simulation engine (this run's temp dir added later)."""
+    return {
+        "client_resources": {"num_cpus": max(config.client_threads, 1), "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": verbose,
+            # Ray's servers bind to the node address: loopback keeps them off every other interface
+            "_node_ip_address": "127.0.0.1",
+        },
+    }
 
 
 def run_simulation(
@@ -39,18 +55,7 @@ def run_simulation(
 
         logging.getLogger("flwr").setLevel(logging.ERROR)
         hf_logging.disable_progress_bar()
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": max(config.client_threads, 1), "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": "error",
-            "log_to_driver": verbose,
-            # Ray's servers bind to the node address: loopback keeps them off every other interface
-            "_node_ip_address": "127.0.0.1",
-        },
-    }
+    backend_config = _backend_config(config, verbose=verbose)
     folder = RunFolder(Path(config.output_dir).expanduser().resolve())
     errors: list[BaseException] = []
     with (

@@ -8,6 +8,10 @@ the run it continues. So the strategy first asks every node for its
 the combine rule of ``--aggregation``), run from ``aggregate_train`` so that
 Flower's strategy wrappers (differential privacy) can sit around it.
 
+What a round needs (method, combine rule, state and extras sent down, attempt)
+comes in a ``RoundContext`` (``round.py``) bound for that round with ``bound``;
+aggregation writes its results (updates, merged extras) into the same context.
+
 Replies are decoded into ``validation.Candidate``s first; failed, missing and
 malformed replies become (partition, node, reason) records for metrics.jsonl.
 """
@@ -18,7 +22,8 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from logging import WARNING
 
 import torch
@@ -27,11 +32,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ..methods import ClientUpdate, Combine, Method, weighted_mean
+from ..methods import ClientUpdate, Combine, weighted_mean
 from ..methods.aggregation import coordinate_median, norm_clipped, trimmed_mean
 from ..run.config import RunConfig
 from ..run.seeds import derive_seed
 from . import keys
+from .round import RoundContext
 from .validation import Candidate
 from .wire import decode as wire_decode
 from .wire import encode as wire_encode
@@ -123,15 +129,29 @@ class SmartFedStrategy(FedAvg):
         self.timeout = timeout
         self.wire_dtype = wire_dtype  # what the arrays travel in (fl/wire.py); everything here sees float32
         self.node_of_partition: dict[int, int] = {}
-        # set by the server loop each round
-        self.attempt = 0  # re-samplings of this round so far
-        self.down_extras: dict[str, torch.Tensor] = {}  # sent beside the state (not clipped by DP wrappers)
-        self.method: Method | None = None
-        self.combine: Combine = weighted_mean
-        self.uniform_weights = False  # DP-FedAvg averages the clipped states with equal weights
-        self.held_extras: dict[int, dict[str, torch.Tensor]] = {}  # partition -> extras of its valid reply
-        self.merged_extras: dict[str, torch.Tensor] = {}
-        self.updates: list[ClientUpdate] = []
+        self._round: RoundContext | None = None  # the round being served: set only inside ``bound``
+
+    @contextmanager
+    def bound(self, ctx: RoundContext) -> Iterator[RoundContext]:
+        """Serve round ``ctx`` (``configure_train``, ``aggregate_train``) inside this block, and no other.
+
+        Flower's ``Strategy`` methods have fixed signatures and the DP wrappers call them
+        with those only, so the round's context cannot be an argument: it is bound here
+        for the round and unbound after, never left behind for the next round to read.
+        """
+        if self._round is not None:
+            raise RuntimeError(f"round {self._round.server_round} is still bound; rounds do not nest")
+        self._round = ctx
+        try:
+            yield ctx
+        finally:
+            self._round = None
+
+    def round_context(self) -> RoundContext:
+        """The bound round; an error outside ``bound``."""
+        if self._round is None:
+            raise RuntimeError("SmartFedStrategy serves a round only inside `with strategy.bound(ctx)`")
+        return self._round
 
     def discover(
         self,
@@ -227,56 +247,67 @@ class SmartFedStrategy(FedAvg):
             )
         return candidates, failures
 
-    def hold(
-        self, replies: Mapping[int, Message], accepted: Iterable[Candidate], state_keys: list[str]
-    ) -> list[Message]:
+    def hold(self, replies: Mapping[int, Message], accepted: Iterable[Candidate]) -> list[Message]:
         """The accepted replies with only the state in their ArrayRecord (server key order); extras held aside.
 
         Flower's DP wrappers clip every array of a reply against the state sent down,
         position by position: the reply must hold exactly those keys, in that order.
+        The extras go to the bound round's ``held_extras`` until ``aggregate_train``.
         """
+        ctx = self.round_context()
         out = []
-        self.held_extras = {}
-        in_state = set(state_keys)
+        ctx.held_extras = {}
         for c in accepted:
             reply = replies[c.partition]
-            reply.content[keys.ARRAYS] = ArrayRecord(torch_state_dict={k: c.arrays[k] for k in state_keys})
-            self.held_extras[c.partition] = {k: v for k, v in c.arrays.items() if k not in in_state}
+            reply.content[keys.ARRAYS] = ArrayRecord(torch_state_dict={k: c.arrays[k] for k in ctx.state})
+            ctx.held_extras[c.partition] = {k: v for k, v in c.arrays.items() if k not in ctx.state}
             out.append(reply)
         return out
+
+    @staticmethod
+    def _update_of(ctx: RoundContext, pid: int, reply: Message, state_keys: list[str]) -> ClientUpdate:
+        """Client ``pid``'s held reply as aggregation sees it: its state (clipped, under DP) and its held extras."""
+        state = reply.content[keys.ARRAYS].to_torch_state_dict()
+        if list(state) != state_keys:  # every reply went through ``hold``: only a bug gets here
+            differ = sorted(set(state) ^ set(state_keys))[:3] or "the same keys in another order"
+            raise RuntimeError(
+                f"round {ctx.server_round}: the reply of client {pid} (node {reply.metadata.src_node_id}) holds "
+                f"other state keys than the first reply ({differ}); each must hold the state sent down, in its order"
+            )
+        metrics = reply.content[keys.METRICS]
+        return ClientUpdate(
+            partition=pid,
+            arrays={**state, **ctx.held_extras.get(pid, {})},
+            num_examples=1 if ctx.uniform_weights else int(metrics[keys.NUM_EXAMPLES]),
+            train_loss=float(metrics[keys.TRAIN_LOSS]),
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The method's aggregation of (validated) replies; the state goes back as an ArrayRecord."""
-        if self.method is None:
-            raise RuntimeError("SmartFedStrategy.method is not set")
-        partition_of_node = {node: pid for pid, node in self.node_of_partition.items()}
-        updates = []
-        for reply in replies:
-            pid = partition_of_node[reply.metadata.src_node_id]
-            state = reply.content[keys.ARRAYS].to_torch_state_dict()
-            metrics = reply.content[keys.METRICS]
-            updates.append(
-                ClientUpdate(
-                    partition=pid,
-                    arrays={**state, **self.held_extras.get(pid, {})},
-                    num_examples=1 if self.uniform_weights else int(metrics[keys.NUM_EXAMPLES]),
-                    train_loss=float(metrics[keys.TRAIN_LOSS]),
-                )
-            )
-        if not updates:
+        """The method's aggregation of (validated) replies; the state goes back as an ArrayRecord.
+
+        The bound round receives the updates (by partition) and the merged extras.
+        """
+        ctx = self.round_context()
+        held = list(replies)
+        if not held:
             return None, None
-        self.updates = sorted(updates, key=lambda u: u.partition)  # arrival order must not change the result
-        state_keys = list(reply.content[keys.ARRAYS].keys())
-        merged = self.method.aggregate(self.updates, self.combine)
-        self.merged_extras = {k: v for k, v in merged.items() if k not in state_keys}
+        # the state keys of the first reply, in its order (the ArrayRecord returned keeps it); every reply must match
+        state_keys = list(held[0].content[keys.ARRAYS].keys())
+        partition_of_node = {node: pid for pid, node in self.node_of_partition.items()}
+        updates = [
+            self._update_of(ctx, partition_of_node[reply.metadata.src_node_id], reply, state_keys) for reply in held
+        ]
+        ctx.updates = sorted(updates, key=lambda u: u.partition)  # arrival order must not change the result
+        merged = ctx.method.aggregate(ctx.updates, ctx.combine)
+        ctx.merged_extras = {k: v for k, v in merged.items() if k not in state_keys}
         return ArrayRecord(torch_state_dict={k: merged[k] for k in state_keys}), MetricRecord(
             {"num-replies": len(updates)}
         )
 
-    def sample_partitions(self, server_round: int, attempt: int | None = None) -> list[int]:
-        attempt = self.attempt if attempt is None else attempt
+    def sample_partitions(self, server_round: int, attempt: int = 0) -> list[int]:
+        """The partitions sampled in ``attempt`` of ``server_round``: a function of (seed, round, attempt) only."""
         parts = ("sample", server_round) if attempt == 0 else ("sample", server_round, "retry", attempt)
         rng = random.Random(derive_seed(self.seed, *parts))
         return sorted(rng.sample(sorted(self.node_of_partition), self.sample_clients))
@@ -284,10 +315,11 @@ class SmartFedStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        ctx = self.round_context()
         config[keys.SERVER_ROUND] = server_round
         # Encoded here, inside any DP wrapper: the wrapper keeps the float32 state it clips replies against.
-        down = wire_encode({**arrays.to_torch_state_dict(), **self.down_extras}, self.wire_dtype)
+        down = wire_encode({**arrays.to_torch_state_dict(), **ctx.extras}, self.wire_dtype)
         arrays = ArrayRecord(torch_state_dict=down)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        nodes = [self.node_of_partition[p] for p in self.sample_partitions(server_round)]
+        nodes = [self.node_of_partition[p] for p in self.sample_partitions(server_round, ctx.attempt)]
         return self._construct_messages(record, nodes, MessageType.TRAIN)

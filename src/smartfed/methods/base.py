@@ -28,6 +28,7 @@ class LocalResult:
     """What one client returns after a local round."""
 
     state: dict[str, torch.Tensor]  # the communicated tensors (averaged by the server)
+    # the examples this round trained on: sent as num-examples, the client's FedAvg weight (ClientUpdate.num_examples)
     num_examples: int
     train_loss: float
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # also averaged, by examples
