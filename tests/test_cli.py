@@ -48,14 +48,36 @@ def test_pool_inspect_title_keeps_the_adapter_names(two_adapters):
     assert "[math(r=4), json(r=2)]" in title, title  # rich used to read "[...]" as markup and drop it
 
 
-def test_typer_never_prints_local_variables():
+def test_typer_never_prints_local_variables(monkeypatch, capsys):
+    import sys
+
     import typer.main
 
+    import smartfed.more
     from smartfed.cli import pool_app, zoo_app
 
     for typer_app in (app, pool_app, zoo_app):
         assert typer_app.pretty_exceptions_show_locals is False
-    assert typer.main  # the flag above is what typer's rich traceback reads (show_locals)
+
+    # the flag above is what typer's rich traceback reads: an unexpected error's frame keeps a local out of it
+    def leaky_load(sources):
+        secret_local = "-".join(["hf", "not", "for", "the", "log"])  # noqa: F841 (the traceback shows the source line)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(smartfed.more.LoraPool, "load", staticmethod(leaky_load))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # Typer.__call__ installs its own hook
+    monkeypatch.delenv("TYPER_STANDARD_TRACEBACK", raising=False)
+    monkeypatch.delenv("_TYPER_STANDARD_TRACEBACK", raising=False)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        app(["pool", "inspect", "x"], prog_name="smartfed", standalone_mode=False)
+    capsys.readouterr()
+    typer.main.except_hook(RuntimeError, info.value, info.value.__traceback__)
+    shown = capsys.readouterr().err
+    assert "boom" in shown and "hf-not-for-the-log" not in shown
+    config = getattr(info.value, typer.main._typer_developer_exception_attr_name)
+    config.pretty_exceptions_show_locals = True  # the same traceback with the flag on does print it
+    typer.main.except_hook(RuntimeError, info.value, info.value.__traceback__)
+    assert "hf-not-for-the-log" in capsys.readouterr().err
 
 
 # --- issue 15 §3: values that cannot train are refused at start -----------------------------------

@@ -12,7 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+import smartfed
 from smartfed.cli import app
+from smartfed.data import load_task
+from smartfed.eval import evaluate_task
 from smartfed.more import LoraPool, MoreConfig, attach_more
 from smartfed.serving.export import REPORT_FILE, calibration_batches, export_peft, low_rank_factors, mean_gates
 
@@ -147,8 +150,18 @@ def test_export_command_writes_a_peft_adapter_and_scores_both(fed, tmp_path):
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["rank"] == 4 and report["round"] == 2 and report["calibration_examples"] == 8
     assert {"routed", "export", "base"} <= set(report["scores"])
-    assert all(0.0 <= s["score"] <= 1.0 and s["n"] == 4 for s in report["scores"].values())
-    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fed["model"]), out)
+    assert all(s["n"] == 4 and s["metric"] == "numeric" for s in report["scores"].values())
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fed["model"]), out).eval()
+    # each score is its own model's, on the run's first 4 held-out items (models loaded here, not by the command)
+    c = fed["config"]
+    task, _, test = load_task(c.task, seed=c.seed, num_train=c.num_train, num_test=c.num_test)
+    routed, tokenizer = smartfed.load(fed["run"])
+    with exported.disable_adapter():
+        base = evaluate_task(exported, tokenizer, task, test, max_new_tokens=c.max_new_tokens, limit=4)
+    for name, model in (("routed", routed), ("export", exported)):
+        want = evaluate_task(model, tokenizer, task, test, max_new_tokens=c.max_new_tokens, limit=4)
+        assert report["scores"][name]["score"] == pytest.approx(want["score"]), name
+    assert report["scores"]["base"]["score"] == pytest.approx(base["score"])
     assert sum("lora_A" in name for name, _ in exported.named_parameters()) == 4  # q, v in 2 layers
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output

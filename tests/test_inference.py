@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 import smartfed
 from smartfed.cli import app
+from smartfed.data import load_task
+from smartfed.eval import numeric_match
 from smartfed.fl.simulation import run_simulation
 from smartfed.more import LoraPool, MoreConfig, attach_more
 from smartfed.run.config import RunConfig
@@ -173,9 +175,12 @@ def test_eval_writes_predictions_and_scores(fed):
     out = fed["run"] / "eval" / "arith"
     scores = json.loads((out / "scores.json").read_text())
     assert scores["task"] == "arith" and scores["metric"] == "numeric" and scores["n"] == 4
-    assert 0.0 <= scores["score"] <= 1.0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and set(rows[0]) == {"prompt", "reference", "prediction", "score"}
+    c = fed["config"]
+    _, _, test = load_task(c.task, seed=c.seed, num_train=c.num_train, num_test=c.num_test)  # the run's held-out split
+    assert [r["prompt"] for r in rows] == test["prompt"][:4] and [r["reference"] for r in rows] == test["answer"][:4]
+    assert [r["score"] for r in rows] == [numeric_match(r["prediction"], r["reference"]) for r in rows]
     assert scores["score"] == pytest.approx(sum(r["score"] for r in rows) / 4)
 
     jsonl = CliRunner().invoke(

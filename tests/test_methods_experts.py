@@ -49,7 +49,9 @@ def test_every_method_is_registered_with_a_summary():
     methods = list_methods()
     for name in EXPERT_METHODS:
         assert name in methods and len(methods[name]) > 20
-    assert ABLATIONS["smartfed_module"]["method"] == "smartfed_module"
+    for name, overrides in ABLATIONS.items():  # each ablation is a valid run: a registered method, its fields as given
+        config = RunConfig(**overrides)
+        assert config.method in methods and {k: getattr(config, k) for k in overrides} == overrides, name
 
 
 # --- A³SMoE -------------------------------------------------------------------------------------
@@ -310,7 +312,9 @@ def test_two_round_run(run_assets, tmp_path, method):
             and rows[1]["lorahub_best_objective"] <= rows[0]["lorahub_best_objective"]
         )
     if method == "a3smoe":
-        assert 0 <= rows[1]["idle_expert_fraction"] <= 1
+        # 3 clients keep K = 4 or 2 of the 8 experts for every token of their batches (random routers): no expert
+        # of any matrix goes unused in a round, so Eq. 7 sees no idle row; counting used experts as idle gives 1.0
+        assert [r["idle_expert_fraction"] for r in rows] == [0.0, 0.0]
     if method == "merge":  # nothing trains: the state is only the merge weights (a zero-round baseline)
         assert set(final) == {"merge.weights"}
     if method in ("mole", "smartfed_module", "a3smoe"):  # the routers/gates moved

@@ -144,5 +144,7 @@ def test_evaluate_task_on_tiny_llama_with_chat_template() -> None:
     )
     task, _, test = load_task("copy", seed=0, num_train=8, num_test=6)
     result = evaluate_task(model, tok, task, test, max_new_tokens=4, batch_size=4)
-    assert set(result) == {"score", "n"} and result["n"] == 6.0 and 0.0 <= result["score"] <= 1.0
+    preds = generate_answers(model, tok, list(test["prompt"]), max_new_tokens=4, batch_size=4)  # through the template
+    assert set(result) == {"score", "n"} and result["n"] == 6.0
+    assert result["score"] == pytest.approx(score(task.metric, preds, list(test["answer"])))
     assert all(isinstance(v, float) for v in result.values())

@@ -71,7 +71,10 @@ def test_gsm8k_counts_answers_and_rationale() -> None:
     assert first["answer"] == "18"
     assert first["label"] == 0
     assert "9 * 2" in first["rationale"] and "####" not in first["rationale"]
-    assert all("," not in r["answer"] and float(r["answer"]) == float(r["answer"]) for r in test)
+    lines = shared("gsm8k", "test.jsonl").read_text().splitlines()
+    finals = [json.loads(line)["answer"].rsplit("####", 1)[1] for line in lines if line.strip()]
+    assert [r["answer"] for r in test] == [f.strip().replace(",", "") for f in finals]  # the file's own, in order
+    assert all(r["answer"].removeprefix("-").isdigit() for r in test)  # GSM8K's final answers are integers
     assert "2125" in {r["answer"] for r in test}  # "#### 2,125" in the file
     cot = read_gsm8k(shared("gsm8k", "test.jsonl"), cot=True)[0]
     assert cot["answer"].endswith("\n#### 18") and "<<" not in cot["answer"]

@@ -1,6 +1,6 @@
 """FedLEASE baseline: clustered LoRA experts with an adaptive top-M router (seed 003).
 
-Wang, Bian, Zhang & Xu, "Adaptive LoRA Experts Allocation and Selection for
+Xu, Bian, Wang & Zhang, "Adaptive LoRA Experts Allocation and Selection for
 Federated Fine-Tuning" (NeurIPS 2025, arXiv 2509.15087):
 
 1. Warm-up: every client trains its own LoRA (rank ``--lora_rank``, α
