@@ -1,4 +1,4 @@
-"""The server round in phases: the strategy serves a bound ``RoundContext``, and clients weigh by what they trained on.
+"""The server round in phases: the strategy serves a bound ``RoundContext``, and clients weigh by what their method reports.
 
 Unit tests drive ``SmartFedStrategy`` with hand-made replies (no model); the end-to-end tests
 run the real ServerApp loop on ``LocalGrid`` with a method that reports its own ``num_examples``.
@@ -168,7 +168,7 @@ def test_the_server_weighs_by_the_num_examples_the_method_reports(assets, tmp_pa
     with monkeypatch.context() as patch:
         seen = _spy(patch, "smartfed", report=False)
         _run(make_config(assets, tmp_path / "default", num_rounds=1, num_train=30))
-    assert [u.num_examples for u in seen[0]] == [8, 8]  # what it trained on, not its data's size (10)
+    assert [u.num_examples for u in seen[0]] == [10, 10]  # the node's dataset size (FedAvg's n_k), not the 8 trained
 
     seen = _spy(monkeypatch, "smartfed", report=True)
     rows = _run(make_config(assets, tmp_path / "reported", num_rounds=1, num_train=30))

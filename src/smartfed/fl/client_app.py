@@ -56,7 +56,7 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     """One local round: load the server state, train on local batches, send state + extras.
 
     The reply's ``num-examples`` (FedAvg's weight) is the method's ``LocalResult.num_examples``:
-    the examples it trained on this round (the built-in methods: ``local_steps × batch_size``).
+    the built-in methods report the node's dataset size (``LocalTrainConfig.num_examples``, FedAvg's n_k).
     """
     if config.client_threads:
         torch.set_num_threads(config.client_threads)
@@ -101,18 +101,19 @@ def _train(
     payload = json.loads(str(round_config.get(keys.PAYLOAD, "{}")))
     state_keys = set(method.get_state(model))
     method.set_state(model, {k: v for k, v in arrays.items() if k in state_keys})
+    data = local_data(context, runtime, pid)
     train_config = LocalTrainConfig(
         config.learning_rate,
         config.weight_decay,
         budget=config.budgets()[pid],
         partition=pid,
         server_round=server_round,
+        num_examples=len(data),
     )
     private = context.state.get(keys.PRIVATE)  # kept by Flower per node across rounds
     method.set_private_state(model, private.to_torch_state_dict() if private is not None else None)
     method.prepare_round(model, payload, {k: v for k, v in arrays.items() if k not in state_keys}, train_config)
 
-    data = local_data(context, runtime, pid)
     local_batches = batches(
         data,
         runtime.tokenizer,

@@ -153,8 +153,9 @@ def _secure_attempt(
 def _secagg_max_weight(config: RunConfig) -> float:
     """SecAgg+'s bound on one client's weight (its num-examples): a weight above it may overflow the masked sum.
 
-    Clients weigh by the examples they trained on (``LocalResult.num_examples``): for the
-    built-in methods ``local_steps × batch_size``, which may exceed ``num_train``.
+    Clients weigh by their method's ``LocalResult.num_examples``: for the built-in methods the node's
+    dataset size (at most ``num_train``); a method that reports the examples it trained on may reach
+    ``local_steps × batch_size``.
     """
     return float(max(config.num_train, config.local_steps * config.batch_size))
 

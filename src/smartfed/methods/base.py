@@ -28,7 +28,8 @@ class LocalResult:
     """What one client returns after a local round."""
 
     state: dict[str, torch.Tensor]  # the communicated tensors (averaged by the server)
-    # the examples this round trained on: sent as num-examples, the client's FedAvg weight (ClientUpdate.num_examples)
+    # the client's weight in the server's average, sent as num-examples (ClientUpdate.num_examples); the built-in
+    # methods report LocalTrainConfig.num_examples, the client's dataset size (FedAvg's n_k)
     num_examples: int
     train_loss: float
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # also averaged, by examples
@@ -60,6 +61,9 @@ class LocalTrainConfig:
     budget: float = 1.0  # the client's budget β ∈ (0, 1] (A³SMoE-style heterogeneity)
     partition: int = 0  # the client's partition id (per-client rules: clusters, ranks)
     server_round: int = 1
+    # the client's local dataset size, FedAvg's n_k (McMahan et al., 2017): what the built-in methods report as
+    # LocalResult.num_examples, the weight Flower's FedAvg gives the reply
+    num_examples: int = 0
 
 
 def parse_options(options_type: type[OptionsT], text: str, *, method: str) -> OptionsT:
@@ -168,17 +172,16 @@ class Method(ABC):
         params = self.trainable_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         model.train()
-        losses, examples = [], 0
+        losses: list[float] = []
         for batch in batches:
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            examples += int(batch["input_ids"].shape[0])
         model.eval()
         return LocalResult(
-            state=self.get_state(model), num_examples=examples, train_loss=sum(losses) / max(len(losses), 1)
+            state=self.get_state(model), num_examples=config.num_examples, train_loss=sum(losses) / max(len(losses), 1)
         )
 
     def server_update(

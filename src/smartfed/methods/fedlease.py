@@ -331,7 +331,6 @@ class FedLease(Method):
         self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], config: LocalTrainConfig
     ) -> LocalResult:
         local = list(batches)
-        examples = sum(int(b["input_ids"].shape[0]) for b in local)
         layers = self.layers(model)
         personal = self.slots - 1
         if self._mode == "warmup":
@@ -339,7 +338,9 @@ class FedLease(Method):
             extras = {CLUSTER_KEY: torch.tensor(-1.0)}
             if config.server_round >= self.options.warmup_rounds:  # the clustering round: send the LoRA
                 extras.update(self.get_private_state(model))
-            return LocalResult(state=self.get_state(model), num_examples=examples, train_loss=loss, extras=extras)
+            return LocalResult(
+                state=self.get_state(model), num_examples=config.num_examples, train_loss=loss, extras=extras
+            )
         m = int(model.fedlease.num_experts)
         if self._mode == "join":
             if not self._load_personal(model):  # never warmed up: do it now, on this round's batches
@@ -358,7 +359,7 @@ class FedLease(Method):
         # unchanged (and the aggregation ignores them), so the measured uplink overstates FedLEASE's.
         return LocalResult(
             state=self.get_state(model),
-            num_examples=examples,
+            num_examples=config.num_examples,
             train_loss=loss,
             extras={CLUSTER_KEY: torch.tensor(float(cluster))},
         )

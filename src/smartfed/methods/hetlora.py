@@ -139,7 +139,7 @@ class HetLoRA(RankedLoraMethod):
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         regularise = self.options.self_prune and self.options.prune_lambda > 0
         model.train()
-        losses, examples = [], 0
+        losses: list[float] = []
         for batch in batches:
             loss = model(**batch).loss
             objective = loss + self.options.prune_lambda * self.tail_norm(model) if regularise else loss
@@ -147,13 +147,12 @@ class HetLoRA(RankedLoraMethod):
             objective.backward()
             optimizer.step()
             losses.append(loss.item())  # the task loss, comparable across methods
-            examples += int(batch["input_ids"].shape[0])
         model.eval()
         if self.options.self_prune:
             self._self_prune(model)
         return LocalResult(
             state=truncate_state(lora_state(model), client_rank(self.config.lora_rank, config.budget)),
-            num_examples=examples,
+            num_examples=config.num_examples,
             train_loss=sum(losses) / max(len(losses), 1),
         )
 

@@ -235,7 +235,7 @@ class Lorahub(Method):
         model.compose(model.weights)
         return LocalResult(
             state=self.get_state(model),
-            num_examples=sum(int(b["input_ids"].shape[0]) for b in local),
+            num_examples=config.num_examples,
             train_loss=float(losses.min()) if losses.numel() else math.nan,
             extras={LOSSES_KEY: losses},
         )

@@ -115,11 +115,10 @@ class Merge(Method):
     ) -> LocalResult:
         """No training: the merged model's mean loss on the local batches."""
         model.eval()
-        losses, examples = [], 0
+        losses: list[float] = []
         with torch.no_grad():
             for batch in batches:
                 losses.append(model(**batch).loss.item())
-                examples += int(batch["input_ids"].shape[0])
         return LocalResult(
-            state=self.get_state(model), num_examples=examples, train_loss=sum(losses) / max(len(losses), 1)
+            state=self.get_state(model), num_examples=config.num_examples, train_loss=sum(losses) / max(len(losses), 1)
         )
