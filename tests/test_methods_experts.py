@@ -52,6 +52,9 @@ def test_every_method_is_registered_with_a_summary():
     for name, overrides in ABLATIONS.items():  # each ablation is a valid run: a registered method, its fields as given
         config = RunConfig(**overrides)
         assert config.method in methods and {k: getattr(config, k) for k in overrides} == overrides, name
+    configs = [RunConfig(**overrides).to_dict() for overrides in ABLATIONS.values()]
+    assert all(a != b for i, a in enumerate(configs) for b in configs[i + 1 :])  # no ablation repeats another
+    assert ABLATIONS["smartfed"] == {"method": "smartfed"}  # the reference is the default run
 
 
 # --- A³SMoE -------------------------------------------------------------------------------------

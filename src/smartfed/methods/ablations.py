@@ -7,8 +7,8 @@
   adapters of matrix t per token (K = min(--topk_experts, N_t); a client of
   budget β keeps max(1, ⌊β·K⌋)), gated like MoRE (``--gate``).
 - The other ablations are flags of ``smartfed`` itself and need no name:
-  no EEQA (leave out ``--enable_eeqa``), router ``--router linear`` vs
-  ``--router rank``, fixed K (``--topk_experts``). ``ABLATIONS`` lists every
+  EEQA (``--enable_eeqa``; off by default), router ``--router linear`` vs the
+  default ``--router rank``, fixed K (``--topk_experts``). ``ABLATIONS`` lists every
   variant as RunConfig overrides, for side-by-side runs.
 """
 
@@ -28,9 +28,9 @@ from .registry import register_method
 
 # name -> RunConfig overrides: each SmartFed ablation as one run of the same federation.
 ABLATIONS: dict[str, dict[str, object]] = {
-    "smartfed": {"method": "smartfed", "enable_eeqa": True},
-    "smartfed_no_eeqa": {"method": "smartfed", "enable_eeqa": False},
-    "smartfed_rank_router": {"method": "smartfed", "enable_eeqa": True, "router": "rank"},
+    "smartfed": {"method": "smartfed"},  # the default: rank router, fixed K, no EEQA
+    "smartfed_eeqa": {"method": "smartfed", "enable_eeqa": True},
+    "smartfed_linear_router": {"method": "smartfed", "router": "linear"},
     "smartfed_module": {"method": "smartfed_module"},
 }
 
