@@ -1,4 +1,4 @@
-"""EEQA: Elastic Expert Quota Allocation (SmartFed, seed 001; ../shared/DESIGN.md §2).
+"""EEQA: Elastic Expert Quota Allocation (SmartFed, Wu et al., 2025; docs/design.md §4).
 
 Every target matrix t of a MoRE model keeps its top K_t rank-one experts per
 token; K_t is the matrix's *quota*. EEQA moves a fixed expert budget
@@ -10,13 +10,13 @@ Allocation problem, with f_t(k) the sum of the k largest importances of t:
     max Σ_t f_t(K_t)   s.t.   Σ_t K_t = budget,   lo_t ≤ K_t ≤ hi_t,
     lo_t = k_min,   hi_t = min(k_max or M_t, M_t),   M_t = number of experts of t.
 
-``allocate_quotas`` implements the two phases of DESIGN.md §2 (proportional to
+``allocate_quotas`` implements the two phases of docs/design.md §4 (proportional to
 I_t = Σ_m I_m, then a greedy residual) and, as ``mode="greedy"``, the pure
 greedy from the lower bounds. Each f_t is concave (prefix sums of a descending
 sequence), so the pure greedy is exact; ``optimal_quotas`` solves the same
 problem independently by dynamic programming, and every ``Allocation`` reports
 its gap to that optimum. ``client_budget`` gives the A³SMoE-style per-client
-budget ⌊β·K_total⌋ (seed 004).
+budget ⌊β·K_total⌋.
 
 numpy only: importances may be lists, numpy arrays or torch tensors (any device,
 any dtype); they are read once as float64.
@@ -141,7 +141,7 @@ def _objective(ranked: list[np.ndarray], quotas: list[int]) -> float:
 
 
 def matrix_importance(expert_importance: Mapping[str, Any]) -> dict[str, float]:
-    """Per-matrix importance I_t = Σ_m I_m (DESIGN.md §2), same key order as the input."""
+    """Per-matrix importance I_t = Σ_m I_m (docs/design.md §4), same key order as the input."""
     names, ranked = _read(expert_importance)
     return {n: math.fsum(r) for n, r in zip(names, ranked, strict=True)}
 
@@ -172,7 +172,7 @@ def allocate_quotas(
     k_max: int | None = None,
     mode: Mode = "two_phase",
 ) -> Allocation:
-    """Distribute ``budget`` expert slots over matrices by importance (EEQA, DESIGN.md §2).
+    """Distribute ``budget`` expert slots over matrices by importance (EEQA, docs/design.md §4).
 
     ``two_phase``: K_t = clip(⌊budget·I_t/ΣI⌋, lo_t, hi_t) (an even split when ΣI = 0),
     then the greedy residual below brings Σ K_t to exactly ``budget``.

@@ -1,4 +1,4 @@
-"""The paper's five claims (seed 001), measured from run folders, each with a 95 % interval and a verdict.
+"""The paper's five claims (Wu et al., 2025), measured from run folders, each with a 95 % interval and a verdict.
 
 Layout read: ``<root>/<composite>/<system>/seed<k>/`` (what ``smartfed compare`` writes,
 plus SmartFed variants in their own ``<system>`` folders). Every evaluated round of
@@ -38,7 +38,7 @@ from .report import load_run
 
 DRAWS = 2000
 COSTS = ("rounds", "train_seconds", "bytes", "train_kwh")
-PAPER = {  # seed 001's figures
+PAPER = {  # the SmartFed paper's figures (Wu et al., 2025)
     "accuracy": 0.1021,
     "rounds": 3.95,
     "bytes": 31.47,

@@ -1,6 +1,6 @@
 """The default benchmark: compose two existing skill adapters on a real pretrained LLM (``make demo``).
 
-Claim under test (seed 001, DESIGN.md §6): existing skill adapters, composed by
+Claim under test (the SmartFed paper, Wu et al., 2025; docs/design.md §7): existing skill adapters, composed by
 a router trained federatedly, solve a task that needs both skills, which no
 single adapter, no static merge and no fresh LoRA of the same budget solves as
 well. Base: SmolLM2-135M-Instruct from its PyPI wheel; pool: the example zoo's

@@ -1,4 +1,4 @@
-"""The default benchmark's skills and their compositions (DESIGN.md §6, issue: the embedded default).
+"""The default benchmark's skills and their compositions (docs/design.md §7, issue: the embedded default).
 
 Two kinds of task, all registered in the task registry:
 

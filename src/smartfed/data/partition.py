@@ -1,4 +1,4 @@
-"""Split a dataset among federated clients with flwr-datasets partitioners (DESIGN.md §3).
+"""Split a dataset among federated clients with flwr-datasets partitioners (docs/design.md §5).
 
 ``partition_dataset`` hands an in-memory ``datasets.Dataset`` to a Flower
 partitioner (``partitioner.dataset = ds``, then ``load_partition(i)``) and

@@ -4,7 +4,7 @@ Every task comes out of ``load_task`` the same way: a ``Task`` (how to score it)
 and two in-memory ``datasets.Dataset`` (train, test) with the columns
 ``prompt`` (str), ``answer`` (str) and ``label`` (int, what a Dirichlet
 partition skews on; 0 when the task has no label). Train and test never share a
-prompt. Nothing is downloaded (../shared/DESIGN.md §5).
+prompt. Nothing is downloaded (docs/design.md §5).
 
 Built-in tasks, deterministic from the seed, short prompts (≤ 24 characters) so
 that tiny models learn something in a few steps:
@@ -12,7 +12,7 @@ that tiny models learn something in a few steps:
 * ``arith``: ``"12+7="`` → ``"19"``; operands 0..24, subtraction never goes
   negative; label = the operation (0 ``+``, 1 ``-``, 2 ``*``); metric ``numeric``.
 * ``json_arith``: ``"JSON: 12+7="`` → ``'{"answer": 19}'``; the same questions,
-  a form skill on top of a content skill (DESIGN.md §6); metric ``exact_match``.
+  a form skill on top of a content skill (docs/design.md §7); metric ``exact_match``.
 * ``copy``: ``"Upper: abcde"`` → ``"ABCDE"`` (random lowercase words of 3–8
   letters); label = length bucket (0: 3–4, 1: 5–6, 2: 7–8); metric ``exact_match``.
 

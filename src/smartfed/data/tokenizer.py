@@ -1,6 +1,6 @@
 """An offline character-level tokenizer for tests and tiny models.
 
-No hub is reachable here (../shared/DESIGN.md §5), so the tiny random Llama
+No hub is reachable here (docs/design.md §5), so the tiny random Llama
 models of the tests need a tokenizer built on the spot. This one maps every
 printable ASCII character, tab and newline to its own id, behind four special
 tokens laid out like Llama's: ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<unk>``=3.

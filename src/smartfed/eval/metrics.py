@@ -92,7 +92,7 @@ def _json_answer_value(text: str) -> object:
 def json_answer(pred: str, ref: str) -> float:
     """1.0 when ``pred`` holds a JSON object whose ``"answer"`` equals the reference object's, else 0.0.
 
-    The form skill of the default benchmark (DESIGN.md §6): ``{"answer": 68}``
+    The form skill of the default benchmark (docs/design.md §7): ``{"answer": 68}``
     matches ``{ "answer" : 68 }`` and ``{"answer": 68.0}`` (numbers compare with
     the tolerance of ``numeric_match``), but not ``68``, ``{"answer": "68"}``
     or invalid JSON. Text after the object is ignored.

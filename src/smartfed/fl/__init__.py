@@ -1,1 +1,1 @@
-"""SmartFed on Flower: ClientApp, ServerApp, strategy, run folders (DESIGN.md §3)."""
+"""SmartFed on Flower: ClientApp, ServerApp, strategy, run folders (docs/design.md §5)."""

@@ -1,7 +1,7 @@
 """A³SMoE baseline on the MoRE pool: resource-adaptive top-K and activation-aware aggregation.
 
 Tran et al., "Revisiting Sparse Mixture of Experts for Resource-adaptive
-Federated Fine-tuning Foundation Models" (seed 004):
+Federated Fine-tuning Foundation Models":
 
 - resource-conditional computation (Eq. 4): client c with budget β_c keeps
   ``K_c = ⌊K_max β_c⌋`` experts per token, bounded to ``[1, M_t]``, in every

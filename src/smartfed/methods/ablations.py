@@ -1,4 +1,4 @@
-"""SmartFed ablations (DESIGN.md §4).
+"""SmartFed ablations (docs/design.md §6).
 
 - ``smartfed_module`` (registered here): module-level experts. The same
   federated router training as SmartFed, but at every matrix the experts are

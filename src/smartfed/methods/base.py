@@ -1,4 +1,4 @@
-"""The ``Method`` abstraction every federated algorithm implements (DESIGN.md §3).
+"""The ``Method`` abstraction every federated algorithm implements (docs/design.md §5).
 
 A method says how a client builds its trainable model from the base model and
 the LoRA pool, which tensors it communicates, how one local round trains, and

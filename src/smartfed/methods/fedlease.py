@@ -1,4 +1,4 @@
-"""FedLEASE baseline: clustered LoRA experts with an adaptive top-M router (seed 003).
+"""FedLEASE baseline: clustered LoRA experts with an adaptive top-M router.
 
 Xu, Bian, Wang & Zhang, "Adaptive LoRA Experts Allocation and Selection for
 Federated Fine-Tuning" (NeurIPS 2025, arXiv 2509.15087):

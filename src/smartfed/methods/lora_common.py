@@ -1,4 +1,4 @@
-"""Shared pieces of the knowledge-free baselines that train a LoRA from scratch (DESIGN.md §4).
+"""Shared pieces of the knowledge-free baselines that train a LoRA from scratch (docs/design.md §6).
 
 FedIT, FLoRA, FlexLoRA, HetLoRA and FedSA-LoRA all wrap the base model with a
 PEFT LoRA (``get_peft_model``) and communicate its ``A (r, d_in)`` and

@@ -1,7 +1,8 @@
-"""SmartFed (seed 001): clients train only MoRE routers; the server averages them and runs EEQA.
+"""SmartFed (Wu et al., 2025, "Elastic Mixture of Rank-Wise Experts for Knowledge Reuse in
+Federated Fine-Tuning"): clients train only MoRE routers; the server averages them and runs EEQA.
 
 - Client: AdamW on the routers of a MoRE model over the shared LoRA pool;
-  per-expert importance (``--eeqa_importance``, DESIGN.md §2: by default the
+  per-expert importance (``--eeqa_importance``, docs/design.md §4: by default the
   router's softmax over all experts times each expert's contribution, so an
   expert scores whether it was kept or not) is accumulated over the local
   steps and sent up beside the router, when someone reads it: EEQA on the
@@ -102,7 +103,7 @@ class SmartFed(Method):
 
     # --- quotas ----------------------------------------------------------------
     def total_budget(self, model: MoreModel) -> int:
-        """K_total = Σ_t K_t at the configured K (DESIGN.md §2)."""
+        """K_total = Σ_t K_t at the configured K (docs/design.md §4)."""
         return sum(min(self.config.topk_experts, layer.num_experts) for layer in model.more_layers().values())
 
     def _allocate(self, model: MoreModel, importance: Mapping[str, torch.Tensor], budget: int) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""MoRE: Mixture of Rank-wise Experts over existing LoRA adapters (SmartFed, seed 001)."""
+"""MoRE: Mixture of Rank-wise Experts over existing LoRA adapters (SmartFed, Wu et al., 2025)."""
 
 from .config import MoreConfig, RoutingSpec
 from .layer import MoreLinear

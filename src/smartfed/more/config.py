@@ -1,6 +1,6 @@
 """Configuration of a Mixture of Rank-wise Experts (MoRE).
 
-SmartFed (seed 001, ../shared/DESIGN.md §1) cuts every LoRA adapter of a pool into
+SmartFed (Wu et al., 2025; docs/design.md §1) cuts every LoRA adapter of a pool into
 rank-one experts and puts a small trainable router in front of them, per target
 matrix. This dataclass holds every choice of that layer, in the style of PEFT's
 ``LoraConfig``: plain fields with ``help`` metadata, validated on construction.
@@ -38,7 +38,7 @@ class MoreConfig:
 
     A rank-r LoRA update ``B A x`` equals the sum of its r rank-one pieces
     ``B[:, i] A[i] x``; MoRE keeps the ``top_k`` pieces per token, weighted by the
-    gates of a trainable router (SmartFed, seed 001).
+    gates of a trainable router (SmartFed, Wu et al., 2025).
     """
 
     top_k: int | None = field(

@@ -1,6 +1,6 @@
 """MoRE layer: a frozen base matrix plus top-K routed rank-one LoRA experts.
 
-    y = W0 x + B_t · (s_t ⊙ g(x) ⊙ (A_t x))            (SmartFed, seed 001; DESIGN.md §1)
+    y = W0 x + B_t · (s_t ⊙ g(x) ⊙ (A_t x))            (SmartFed, Wu et al., 2025; docs/design.md §1)
 
 Vectorised like PEFT's ``poly`` tuner: the M experts are stacked, so the layer
 does one matmul down (A_t) and one up (B_t), never a Python loop over experts.

@@ -1,7 +1,7 @@
 """A pool of existing PEFT LoRA adapters, cut into rank-one experts.
 
 A rank-r LoRA update of matrix t is ``ΔW_t = s · B A = Σ_i s · B[:, i] A[i]``: r
-rank-one pieces that SmartFed (seed 001, DESIGN.md §1) treats as independent
+rank-one pieces that SmartFed (Wu et al., 2025; docs/design.md §1) treats as independent
 experts. The pool stacks the pieces of every adapter that targets t into
 ``A_t (M_t, d_in)``, ``B_t (d_out, M_t)`` and ``scale_t (M_t,)`` with
 ``M_t = Σ_n r_n`` and ``s = α/r`` (``α/√r`` for rsLoRA).

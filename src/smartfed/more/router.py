@@ -1,6 +1,6 @@
 """The trainable router of a MoRE layer and its top-K gates.
 
-The router is the only tensor SmartFed trains and communicates (seed 001): per
+The router is the only tensor SmartFed trains and communicates (Wu et al., 2025): per
 target matrix, logits over its M rank-one experts, of which the top K_t per
 token (its ``top_k``) are kept and weighted by a gate function (``GATES``).
 """

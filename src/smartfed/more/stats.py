@@ -1,4 +1,4 @@
-"""Per-expert statistics of MoRE layers: gate mass and contribution, summed over tokens (DESIGN.md §2).
+"""Per-expert statistics of MoRE layers: gate mass and contribution, summed over tokens (docs/design.md §4).
 
 What EEQA's importance (``--eeqa_importance``) and A³SMoE's activation frequency
 read. Each ``MoreLinear`` owns an ``ExpertStats`` and feeds it from its forward

@@ -1,4 +1,4 @@
-"""Every knob of a federated run, one dataclass (the flags of seed 002's reference CLI).
+"""Every knob of a federated run, one dataclass (the flags of the reference SmartFed CLI).
 
 The same object is the CLI's flags, the ``--config`` TOML/YAML file, the
 ``[tool.flwr.app.config]`` run config of ``flwr run`` (keys with hyphens), and
