@@ -210,7 +210,7 @@ class RunConfig:
         _choice("wire_dtype", self.wire_dtype, WireDtype)
         _choice("partition", self.partition, Partition)
         _choice("energy", self.energy, EnergyMode)
-        self.budgets()  # validates client_budgets
+        self.budget_values()  # validates client_budgets (without a list of num_clients entries)
         self._check_reliability()
 
     def _check_reliability(self) -> None:
@@ -256,16 +256,21 @@ class RunConfig:
                 f"(got aggregation={self.aggregation!r}, clip_update_norm={self.clip_update_norm!r})"
             )
 
-    def budgets(self) -> list[float]:
-        """β per client id (cycled)."""
+    def budget_values(self) -> list[float]:
+        """The β values of ``--client_budgets`` as given (``[1.0]`` when empty), validated."""
         if not self.client_budgets.strip():
-            return [1.0] * self.num_clients
+            return [1.0]
         try:
             values = [float(b) for b in self.client_budgets.split(",")]
         except ValueError:
             raise ValueError(f"client_budgets={self.client_budgets!r} must be comma-separated numbers") from None
         if not all(0 < b <= 1 for b in values):
             raise ValueError(f"client_budgets={self.client_budgets!r}: every β must be in (0, 1]")
+        return values
+
+    def budgets(self) -> list[float]:
+        """β per client id (the values cycled over ``num_clients``)."""
+        values = self.budget_values()
         return [values[i % len(values)] for i in range(self.num_clients)]
 
     # --- (de)serialisation ---------------------------------------------------
