@@ -9,15 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from smartfed.benchmark.runner import (
-    CompositionConfig,
-    paired_bootstrap,
-    render_markdown,
-    run_composition,
-    static_systems,
-    summarise,
-    wilson_interval,
-)
+from smartfed.benchmark.runner import CompositionConfig, run_composition, static_systems
+from smartfed.benchmark.tables import paired_bootstrap, render_markdown, summarise, wilson_interval
 
 from .conftest import save_tiny_assets
 
