@@ -5,6 +5,8 @@
 # results/claims/regenerate.sh first, or use its committed records); this runs the bfloat16 ones.
 # Needs `make demo`'s install. Time on 2 CPU cores: 12 runs, about 55 min; the comparison itself takes
 # seconds (PARTS=none: only the tables, from the committed records).
+# The run records behind table.md (2026-12-04) were never committed (.gitignore's runs/ pattern matched
+# results/wire_dtype/runs/); results/wire_dtype/records/ is filled by the next full regeneration.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 TOKENIZERS_PARALLELISM=false

@@ -1,6 +1,6 @@
 """Compare finished runs: ``comparison.md`` (mean ± std over seeds) and plots, rebuilt from run folders alone.
 
-Reads what ``fl/run_folder.py`` writes (``config.json``, ``metrics.jsonl``,
+Reads what ``smartfed.run.folder`` writes (``config.json``, ``metrics.jsonl``,
 ``summary.json`` when the run finished) and groups runs by method (and
 ``--method_options``, so ablations of one method stay apart). Per method:
 
