@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from smartfed.data.collate import encode_prompt, pad_token_id
-from smartfed.data.tasks import Task
-
+from ..data.collate import encode_prompt, pad_token_id
+from ..data.common import Task
 from .programs import per_example_scores
 
 

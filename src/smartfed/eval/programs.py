@@ -42,8 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from smartfed.data.real import parse_math_value
-
+from ..data.readers.math23k import parse_math_value
 from .metrics import METRICS, NUMERIC_ABS_TOL, NUMERIC_REL_TOL
 from .sandbox import run_python
 
