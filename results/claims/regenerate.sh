@@ -14,9 +14,9 @@
 # (config.json, summary.json, metrics.jsonl with the per-item scores of every round) is copied to
 # results/claims/records/, committed, and the tables are built from there.
 #
-# The committed SmartFed and FedIT records are the runs of results/demo_json_math and
-# results/demo_spanish_math (the same settings; their config.json names the pool as `zoo:json,zoo:math`,
-# where the demo wrote the zoo folders' paths, the same adapters by sha256), reused, not rerun.
+# The SmartFed and FedIT records (PARTS=core) were run with this script on 2026-12-05 with nothing else on
+# the machine (their training seconds feed the time and energy claims); run twice, the same command gave
+# the same final scores (spanish_math 3-seed means: SmartFed 0.500, FedIT 0.433 on 2026-12-04 and here).
 # The server evaluates with torch's default threads (both cores; the clients are idle then), as
 # `smartfed demo` does, so a run here is the demo's run of the same settings, score for score. States travel
 # in float32 (the default; results/wire_dtype measures bfloat16 against it).
