@@ -15,8 +15,9 @@
 # results/claims/records/, committed, and the tables are built from there.
 #
 # The SmartFed and FedIT records (PARTS=core) were run with this script on 2026-12-05 with nothing else on
-# the machine (their training seconds feed the time and energy claims); run twice, the same command gave
-# the same final scores (spanish_math 3-seed means: SmartFed 0.500, FedIT 0.433 on 2026-12-04 and here).
+# the machine (their training seconds feed the time and energy claims). Run twice, the same command gives the
+# same held-out scores item for item: 5 json_math runs done earlier that day on a loaded machine (set aside
+# for their seconds) match these in every evaluated round (24 rounds x 220 items).
 # The server evaluates with torch's default threads (both cores; the clients are idle then), as
 # `smartfed demo` does, so a run here is the demo's run of the same settings, score for score. States travel
 # in float32 (the default; results/wire_dtype measures bfloat16 against it).
