@@ -214,7 +214,8 @@ def test_parse_real_spec() -> None:
         parse_real_spec("humaneval.foo")
     with pytest.raises(ValueError, match=r"path after ':' is empty"):
         parse_real_spec("gsm8k:")
-    assert set(list_real_datasets()) == {"gsm8k", "gsm_hard", "mgsm", "math23k", "dolly", "humaneval", "mbpp"}
+    datasets_ = {"gsm8k", "gsm_hard", "mgsm", "math23k", "dolly", "humaneval", "mbpp"}
+    assert set(list_real_datasets()) == datasets_ | {"cn_math", "cn_code", "math_code"}  # and the paper's tasks
 
 
 def test_every_real_metric_is_registered() -> None:

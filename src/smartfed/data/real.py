@@ -34,17 +34,30 @@ humaneval  JSONL or JSONL.gz ``task_id``, ``prompt``,      ``humaneval_pass_at_1
 mbpp       JSONL ``task_id``, ``text``, ``code``,          ``mbpp_pass_at_1``         google-research-datasets/
            ``test_list``, ``test_setup_code`` (or the                                 mbpp (full)
            sanitized JSON: ``prompt``, ``test_imports``)
+cn_math    folder: ``math23k/`` (train, every file) and    ``final_number``           none: a path is needed
+           ``mgsm/mgsm_zh.tsv`` (test)
+cn_code    folder: ``doit/`` (DoIT JSONL ``instruction``,  ``mbpp_pass_at_1``         none: a path is needed
+           ``output``, ``test_list``)
+math_code  folder: ``mathcodeinstruct/`` (train) and       ``program_numeric``        none: a path is needed
+           ``gsm_hard/`` (test, PAL)
 ========== =============================================== ========================== ========================
 
+``cn_math``, ``cn_code`` and ``math_code`` are the paper's skill-composition
+tasks (Wu, Li, Guo & Li 2025): each trains on one dataset and tests on another,
+read from one data folder laid out as the shared data folder
+(``cn_math:/data``); ``smartfed.data.readers.paper`` has the layouts.
+
 Records, per dataset: the docstring of its module in ``smartfed.data.readers``
-(``gsm``, ``mgsm``, ``math23k``, ``dolly``, ``coding``). The readers
+(``gsm``, ``mgsm``, ``math23k``, ``dolly``, ``coding``, ``mathcode``, ``doit``,
+``paper``). The readers
 (``read_gsm8k``, ...) and the table ``REAL_DATASETS`` live there and are
 re-exported here; this module parses specs and makes the splits.
 
 Label is 0 where a dataset has no natural category.
 
 Splits: a folder with train and test files (GSM8K; Math23K's trainset and
-testset, or validset as train when there is no trainset) uses them; MBPP's
+testset, or validset as train when there is no trainset) uses them, and so do
+the paper's tasks (train from one dataset, test from another); MBPP's
 full file (or Hub copy) uses the paper's task-id ranges (test 11–510, train
 601–974); everything else is split by a shuffle with the seed. MGSM's parallel
 translations are split by problem, so no problem is in train in one language
@@ -81,11 +94,13 @@ from .readers import (
     Splits,
     list_real_datasets,
     parse_math_value,
+    read_doit,
     read_dolly,
     read_gsm8k,
     read_gsm_hard,
     read_humaneval,
     read_math23k,
+    read_mathcodeinstruct,
     read_mbpp,
     read_mgsm,
 )
@@ -107,11 +122,13 @@ __all__ = [
     "load_real_task",
     "parse_math_value",
     "parse_real_spec",
+    "read_doit",
     "read_dolly",
     "read_gsm8k",
     "read_gsm_hard",
     "read_humaneval",
     "read_math23k",
+    "read_mathcodeinstruct",
     "read_mbpp",
     "read_mgsm",
 ]

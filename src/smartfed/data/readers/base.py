@@ -29,6 +29,9 @@ Splits = dict[str, list[Record]]
 STR = Value("string")
 """The feature of a string column."""
 
+STR_LIST: Any = (getattr(datasets, "List", None) or datasets.Sequence)(STR)
+"""The feature of a list-of-strings column (``datasets.List`` where it exists, else ``Sequence``)."""
+
 
 @dataclass(frozen=True)
 class RealDataset:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import datasets
 from datasets import Value
 
 from .base import (
     STR,
+    STR_LIST,
     RealDataset,
     Record,
     Splits,
@@ -38,8 +38,6 @@ from .base import (
 MBPP_TEST_IDS = range(11, 511)
 MBPP_TRAIN_IDS = range(601, 975)
 """MBPP's task-id ranges of the paper's test and train splits (1–10: prompt, 511–600: validation)."""
-
-_List: Any = getattr(datasets, "List", None) or datasets.Sequence
 
 
 def _humaneval_record(raw: dict[str, Any], where: str) -> Record:
@@ -128,7 +126,7 @@ MBPP = RealDataset(
     description="MBPP basic Python problems, pass@1 of the code against its asserts in the sandbox",
     metric=lambda option: "mbpp_pass_at_1",
     extra_features=lambda option: {
-        "test_list": _List(STR),
+        "test_list": STR_LIST,
         "test_setup_code": STR,
         "task_id": Value("int64"),
     },
