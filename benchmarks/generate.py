@@ -1,7 +1,8 @@
 """Generation speed: the routed MoRE model against the base model and the base with one merged LoRA.
 
 A Llama with SmolLM2-135M's shapes (hidden 576, intermediate 1536, 30 layers, 9
-heads, 3 KV heads, vocab 49152, tied embeddings; random weights), a pool of two
+heads, 3 KV heads, vocab 49152, tied embeddings; random weights; ``--shape llama2-7b``:
+2 of Llama-2-7B's 32 layers, hidden 4096, intermediate 11008, 32 heads), a pool of two
 random PEFT LoRA adapters (rank 32, α 64, on q_proj and v_proj, made and saved
 with PEFT in a temporary folder) and three variants of the same weights:
 
@@ -22,6 +23,16 @@ alongside.
     .venv/bin/python benchmarks/generate.py            # 30 layers, 32 new tokens, batch 1 and 8
     .venv/bin/python benchmarks/generate.py --quick    # 4 layers, a few seconds
     .venv/bin/python benchmarks/generate.py --profile  # + where a MoRE matrix spends a decoding step
+    .venv/bin/python benchmarks/generate.py --device cuda --dtype bfloat16 --batches 1 8 32
+    .venv/bin/python benchmarks/generate.py --device cuda --dtype bfloat16 --shape llama2-7b
+
+``--dtype`` is the models' dtype: the base and the merged model are cast to it after the
+merge (done in float32), the routed model's base before MoRE is attached (its routers stay
+float32, SmartFed's default ``router_dtype``). On CUDA every timing is bracketed by
+``torch.cuda.synchronize``. Memory, per variant and batch: the weights it holds and the
+peak of one ``generate`` call above what was in use before it (KV cache, activations): on
+CUDA ``torch.cuda.max_memory_allocated``, on CPU the process's RSS sampled every 5 ms (a
+lower bound: memory freed by an earlier call is reused without growing the RSS).
 
 Target: routed ≥ 0.8 × merged tokens/s at batch 1 (PASS/MISS). A benchmark, not
 a test: it asserts nothing about time and always exits 0.
@@ -46,6 +57,17 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from smartfed.benchmark.hardware import (
+    SHAPES,
+    ModelShape,
+    dtype_name,
+    llama_config,
+    parse_device,
+    parse_dtype,
+    peak_during,
+    process_peak_line,
+)
+from smartfed.benchmark.hardware import sync as _sync
 from smartfed.benchmark.timing import cpu_jiffies as _cpu_jiffies
 from smartfed.benchmark.timing import machine_line as machine
 from smartfed.benchmark.timing import others_share as _others_share
@@ -59,21 +81,12 @@ VARIANTS = ("base", "merged", "routed")
 
 def smollm2_config(layers: int) -> LlamaConfig:
     """SmolLM2-135M's architecture (its config.json), with ``layers`` decoder layers."""
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    return model_config(SHAPES["smollm2"], layers)
+
+
+def model_config(shape: ModelShape, layers: int) -> LlamaConfig:
+    """``shape``'s architecture with ``layers`` decoder layers; pad = eos = 2 (what ``generate`` pads with)."""
+    return llama_config(shape, layers, pad_token_id=2)
 
 
 def make_pool(base: nn.Module, folder: Path, *, rank: int = 32, alpha: int = 64, count: int = 2) -> list[Path]:
@@ -96,18 +109,32 @@ def make_pool(base: nn.Module, folder: Path, *, rank: int = 32, alpha: int = 64,
     return paths
 
 
-def build_variants(layers: int, top_k: int, folder: Path, device: torch.device) -> dict[str, nn.Module]:
+def build_variants(
+    layers: int,
+    top_k: int,
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    shape: ModelShape = SHAPES["smollm2"],
+) -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    base = LlamaForCausalLM(smollm2_config(layers)).eval()
+    with torch.device(device):  # initialised where it runs: Llama-2-7B's layers take seconds each on a CPU
+        base = LlamaForCausalLM(model_config(shape, layers)).eval()
     pool_paths = make_pool(base, folder)
     merged = PeftModel.from_pretrained(copy.deepcopy(base), pool_paths[0]).merge_and_unload().eval()
-    routed = attach_more(copy.deepcopy(base), LoraPool.load(pool_paths), MoreConfig(top_k=top_k)).eval()
-    return {"base": base.to(device), "merged": merged.to(device), "routed": routed.to(device)}
+    # the routed base is cast before attach_more, so that the routers keep their own (float32) dtype
+    routed_base = copy.deepcopy(base).to(dtype)
+    routed = attach_more(routed_base, LoraPool.load(pool_paths), MoreConfig(top_k=top_k)).eval()
+    return {"base": base.to(dtype), "merged": merged.to(dtype), "routed": routed.to(device)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers a variant holds (per storage: shared tensors count once)."""
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def generate_fn(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> Callable[[], None]:
@@ -141,6 +168,7 @@ class Row:
     batch: int
     seconds: dict[str, float]  # median generate time of new_tokens
     step_ms: dict[str, float]  # median decoding step
+    peak_bytes: dict[str, int]  # one generate call's peak above what was in use before it
     new_tokens: int
     spread: float  # largest interquartile range / median over the variants
     others: float | None
@@ -151,7 +179,9 @@ class Row:
 
 def bench_batch(models: dict[str, nn.Module], batch: int, args: argparse.Namespace, device: torch.device) -> Row:
     g = torch.Generator().manual_seed(batch)
-    input_ids = torch.randint(3, 49152, (batch, args.prompt_len), generator=g).to(device)
+    input_ids = torch.randint(3, SHAPES[args.shape].llama["vocab_size"], (batch, args.prompt_len), generator=g).to(
+        device
+    )
     full = {v: generate_fn(m, input_ids, args.new_tokens) for v, m in models.items()}
     prefill = {v: generate_fn(m, input_ids, 1) for v, m in models.items()}
     for v in models:  # warm-up
@@ -168,10 +198,12 @@ def bench_batch(models: dict[str, nn.Module], batch: int, args: argparse.Namespa
             times[v].append(t_full)
             steps[v].append(1000 * (t_full - t_one) / max(args.new_tokens - 1, 1))
     others = _others_share(start, _cpu_jiffies())
+    peaks = {v: peak_during(full[v], device) for v in names}  # after the timings: the sampler never overlaps them
     return Row(
         batch=batch,
         seconds={v: statistics.median(t) for v, t in times.items()},
         step_ms={v: statistics.median(s) for v, s in steps.items()},
+        peak_bytes=peaks,
         new_tokens=args.new_tokens,
         spread=max(_spread(t) for t in times.values()),
         others=others,
@@ -195,12 +227,38 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def _us(fn: Callable[[], object], iterations: int = 2000) -> float:
+def format_memory(rows: Sequence[Row], models: dict[str, nn.Module], device: torch.device) -> str:
+    """Weights held and the peak of one generate call, per variant, and routed over merged."""
+    how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process RSS, sampled every 5 ms"
+    weights = {v: resident_bytes(m) for v, m in models.items()}
+    lines = [
+        "memory, MiB: weights held by each variant (parameters + buffers) | peak of one generate call above what "
+        f"was in use before it ({how})",
+        f"{'weights':>7} | {'base':>8} {'merged':>8} {'routed':>8} | {'routed/merged':>13}",
+        f"{'':>7} | {weights['base'] / 2**20:>8.1f} {weights['merged'] / 2**20:>8.1f} "
+        f"{weights['routed'] / 2**20:>8.1f} | {weights['routed'] / max(weights['merged'], 1):>13.3f}",
+        f"{'batch':>7} | {'base':>8} {'merged':>8} {'routed':>8} | {'routed/merged':>13}",
+    ]
+    for row in rows:
+        p = row.peak_bytes
+        ratio = f"{p['routed'] / p['merged']:.3f}" if p["merged"] > 0 else "n/a"
+        lines.append(
+            f"{row.batch:>7} | {p['base'] / 2**20:>8.1f} {p['merged'] / 2**20:>8.1f} {p['routed'] / 2**20:>8.1f} | "
+            f"{ratio:>13}"
+        )
+    if device.type == "cuda":
+        lines.append(process_peak_line(device))
+    return "\n".join(lines)
+
+
+def _us(fn: Callable[[], object], device: torch.device, iterations: int = 2000) -> float:
     for _ in range(iterations // 10):
         fn()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(iterations):
         fn()
+    _sync(device)
     return (time.perf_counter() - start) / iterations * 1e6
 
 
@@ -213,7 +271,7 @@ def layer_breakdown(model: nn.Module, batch: int, device: torch.device) -> str:
     layers = model.more_layers()
     name, layer = next(iter(layers.items()))
     d_in = layer.lora_A.shape[1]
-    x = torch.randn(batch, 1, d_in, device=device)
+    x = torch.randn(batch, 1, d_in, device=device, dtype=layer.lora_A.dtype)
     with torch.inference_mode():
         z = F.linear(x, layer.lora_A)
         logits = layer.router(x, z)
@@ -222,16 +280,18 @@ def layer_breakdown(model: nn.Module, batch: int, device: torch.device) -> str:
         base_out = layer.base_layer(x)
         delta = F.linear(h, layer.lora_B)
         pieces = {
-            "base W0 x (what a merged LoRA costs)": _us(lambda: layer.base_layer(x)),
-            "z = A x (M x d_in)": _us(lambda: F.linear(x, layer.lora_A)),
-            "router logits (Router module call)": _us(lambda: layer.router(x, z)),
-            "top_k_gates (topk, K*softmax, zeros+scatter)": _us(lambda: top_k_gates(logits, layer.top_k, layer.gate)),
-            "  of which: logits.topk(K)": _us(lambda: logits.topk(layer.top_k, dim=-1, sorted=False)),
-            "h = z * gates": _us(lambda: z * gates),
-            "delta = B h (d_out x M)": _us(lambda: F.linear(h, layer.lora_B)),
-            "result + delta": _us(lambda: base_out + delta),
+            "base W0 x (what a merged LoRA costs)": _us(lambda: layer.base_layer(x), device),
+            "z = A x (M x d_in)": _us(lambda: F.linear(x, layer.lora_A), device),
+            "router logits (Router module call)": _us(lambda: layer.router(x, z), device),
+            "top_k_gates (topk, K*softmax, zeros+scatter)": _us(
+                lambda: top_k_gates(logits, layer.top_k, layer.gate), device
+            ),
+            "  of which: logits.topk(K)": _us(lambda: logits.topk(layer.top_k, dim=-1, sorted=False), device),
+            "h = z * gates": _us(lambda: z * gates, device),
+            "delta = B h (d_out x M)": _us(lambda: F.linear(h, layer.lora_B), device),
+            "result + delta": _us(lambda: base_out + delta, device),
         }
-        whole = _us(lambda: layer(x))
+        whole = _us(lambda: layer(x), device)
     parts = sum(v for k, v in pieces.items() if not k.startswith("  "))
     lines = [
         f"one MoRE matrix ({name}: d_in {d_in}, M {layer.num_experts}, K {layer.top_k}) at batch {batch}, "
@@ -249,22 +309,46 @@ def layer_breakdown(model: nn.Module, batch: int, device: torch.device) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=30, help="Decoder layers (SmolLM2-135M has 30).")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="smollm2",
+        help="The model whose shapes the random base has: SmolLM2-135M (default) or Llama-2-7B.",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="Decoder layers (default: "
+        + ", ".join(f"{s.default_layers} for {name}" for name, s in SHAPES.items())
+        + "; SmolLM2-135M has 30, Llama-2-7B 32).",
+    )
     parser.add_argument("--new_tokens", type=int, default=32, help="Tokens generated per call (exactly).")
     parser.add_argument("--prompt_len", type=int, default=32, help="Prompt tokens.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed repeats per variant and batch size.")
     parser.add_argument("--top_k", type=int, default=32, help="Experts kept per token per matrix (of 64).")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="Batch sizes.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N.")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="The models' dtype."
+    )
     parser.add_argument("--quick", action="store_true", help="4 layers, 8 new tokens, 3 repeats: a smoke run.")
     parser.add_argument(
         "--profile", action="store_true", help="Also time the pieces of one MoRE matrix at the decode shape."
     )
     args = parser.parse_args(argv)
+    if args.layers is None:
+        args.layers = SHAPES[args.shape].default_layers
     if args.quick:
-        args.layers, args.new_tokens, args.repeats = 4, 8, 3
+        args.layers, args.new_tokens, args.repeats = min(4, args.layers), 8, 3
     if args.new_tokens < 2 or args.layers < 1 or args.repeats < 1:
         parser.error("--new_tokens must be >= 2, --layers and --repeats >= 1")
+    if not 1 <= args.top_k <= 64:
+        parser.error(f"--top_k must be between 1 and the pool's 64 experts per matrix; got {args.top_k}")
+    try:  # a clear message now rather than a CUDA error from inside the first generate
+        parse_dtype(args.dtype, parse_device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -275,15 +359,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
     )  # PEFT on transformers 5
     hf_logging.disable_progress_bar()
-    device = torch.device(args.device)
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    shape = SHAPES[args.shape]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="smartfed-bench-") as folder:
-        models = build_variants(args.layers, args.top_k, Path(folder), device)
+        models = build_variants(args.layers, args.top_k, Path(folder), device, dtype, shape)
     built = time.perf_counter() - started
     params = sum(p.numel() for p in models["base"].parameters())
     print(f"generate benchmark | {machine(device)} | {sys.platform}")
     print(
-        f"Llama with SmolLM2-135M shapes, {args.layers} layers ({params / 1e6:.1f} M parameters, random, float32); "
+        f"Llama with {shape.label} shapes, {args.layers} layers ({params / 1e6:.1f} M parameters, random, "
+        f"{dtype_name(dtype)}); "
         f"pool: 2 PEFT LoRAs r=32 on q,v -> 64 experts per matrix, routed top-K {args.top_k}; "
         f"greedy, prompt {args.prompt_len} tokens, exactly {args.new_tokens} new tokens; "
         f"medians of {args.repeats} interleaved repeats (built in {built:.0f} s)"
@@ -292,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for batch in args.batches:
         rows.append(bench_batch(models, batch, args, device))
     print(format_table(rows))
+    print(format_memory(rows, models, device))
     one = next((r for r in rows if r.batch == 1), None)
     if one is not None:
         ratio = one.tokens_per_s("routed") / one.tokens_per_s("merged")
@@ -299,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"target: routed >= {TARGET:.1f} x merged-LoRA tokens/s at batch 1: {ratio:.2f} -> "
             f"{'PASS' if ratio >= TARGET else 'MISS'} (routing adds {extra:+.1f} ms per decoding step, "
-            f"{extra / (2 * args.layers) * 1000:+.0f} us per MoRE matrix)"
+            f"{extra / len(models['routed'].more_layers()) * 1000:+.0f} us per MoRE matrix)"
         )
     print(
         "spread: interquartile range / median of the noisiest variant; others: CPU share of other processes meanwhile"

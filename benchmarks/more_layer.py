@@ -9,6 +9,12 @@ timed side by side in one run: after a warm-up their iterations are interleaved
     .venv/bin/python benchmarks/more_layer.py                # d in {576, 4096}, K in {8, 32, 64}
     .venv/bin/python benchmarks/more_layer.py --quick        # smoke run, a few seconds
     .venv/bin/python benchmarks/more_layer.py --tokens 1024 --repeats 20 --dtype bfloat16
+    .venv/bin/python benchmarks/more_layer.py --device cuda --dtype bfloat16 --tokens 8192
+
+d = 576 is SmolLM2-135M's hidden size, d = 4096 Llama-2-7B's (its q_proj and v_proj are
+4096 x 4096). ``--dtype`` is the frozen layer's and the input's dtype; LoRA's A and B and
+MoRE's router stay float32, as PEFT and SmartFed make them over a bf16 base. On CUDA every
+timed step is bracketed by ``torch.cuda.synchronize``.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one step, above what
 was allocated before it; on CPU, the bytes of the tensors autograd saves for backward
@@ -31,6 +37,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from smartfed.benchmark.hardware import DTYPES, parse_device, parse_dtype, peak_during, process_peak_line
+from smartfed.benchmark.hardware import sync as _sync
 from smartfed.benchmark.timing import cpu_jiffies as _cpu_jiffies
 from smartfed.benchmark.timing import machine_line as machine
 from smartfed.benchmark.timing import others_share as _others_share
@@ -45,7 +53,6 @@ EXPERTS = 64
 TOP_KS = (8, 32, 64)
 ROUTERS = ("linear", "rank")
 TARGETS = {"linear": 1.25, "rank": 1.10}  # time ratio MoRE / LoRA
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -123,11 +130,6 @@ def _step(layer: nn.Module, x: torch.Tensor) -> None:
     loss.backward()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(step: Callable[[], None], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -182,12 +184,7 @@ def peak_bytes(layer: nn.Module, x: torch.Tensor, device: torch.device) -> int:
     for p in layer.parameters():
         p.grad = None
     x.grad = None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    _step(layer, x)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    return peak_during(lambda: _step(layer, x), device)
 
 
 def bench_one(
@@ -263,6 +260,8 @@ def format_table(rows: Sequence[Row], device: torch.device, dtype: torch.dtype, 
         "machine's CPU that other processes used during the timed steps. Others above ~10% (or noise above ~25%): "
         "the machine was busy with something else, rerun before reading the ratio.",
     ]
+    if device.type == "cuda":
+        lines.append(process_peak_line(device))
     return "\n".join(lines)
 
 
@@ -281,13 +280,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="hidden sizes d")
     parser.add_argument("--top-k", type=int, nargs="+", default=list(TOP_KS), help="experts kept per token")
     parser.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
         args.dims, args.tokens, args.top_k, args.repeats, args.warmup = [576], 64, [8, 64], 2, 1
+    try:  # a clear message now rather than a CUDA error from inside the first step
+        parse_dtype(args.dtype, parse_device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
+    if any(k < 1 or k > EXPERTS for k in args.top_k):
+        parser.error(f"--top-k must be between 1 and M = {EXPERTS}; got {args.top_k}")
     return args
 
 
@@ -295,8 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
     rows = []
     for d in args.dims:
         tokens = args.tokens or DEFAULT_TOKENS.get(d, 1024)

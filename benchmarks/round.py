@@ -1,7 +1,8 @@
 """One client's round, SmartFed against FedIT: training-step time, memory and bytes sent up.
 
-Every variant wraps the SAME frozen Llama (SmolLM2-135M's shapes, random weights: the
-parameter tensors are shared, not copied) and trains on the SAME batch:
+Every variant wraps the SAME frozen Llama (SmolLM2-135M's shapes by default, Llama-2-7B's
+with ``--shape llama2-7b``; random weights: the parameter tensors are shared, not copied)
+and trains on the SAME batch:
 
 - LoRA (FedIT): a fresh PEFT LoRA, rank 32, alpha 64 on q_proj and v_proj
   (``get_peft_model``, dropout 0); it trains and sends A and B.
@@ -28,9 +29,15 @@ iteration) and the median of each is reported.
     .venv/bin/python benchmarks/round.py --stats off     # only the steps without expert statistics
     .venv/bin/python benchmarks/round.py --layers 4 --repeats 5
     .venv/bin/python benchmarks/round.py --profile       # also: top ops by self CPU time, one step per variant
+    .venv/bin/python benchmarks/round.py --device cuda --dtype bfloat16                      # a GPU, bf16 base
+    .venv/bin/python benchmarks/round.py --device cuda --dtype bfloat16 --shape llama2-7b    # 2 of Llama-2-7B's layers
+
+``--dtype`` is the frozen base's dtype (and so the experts'); the trainable tensors stay as
+each library makes them on such a base: PEFT's LoRA A and B and SmartFed's routers in float32.
+On CUDA every step is bracketed by ``torch.cuda.synchronize``, so its wall time covers its kernels.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one step above what was
-allocated before it; on CPU (no allocator statistics) the bytes autograd saves for
+allocated before it, and at the end the whole process's peak; on CPU (no allocator statistics) the bytes autograd saves for
 backward (``saved_tensors_hooks``, deduplicated by storage, parameters and buffers
 left out). To either is added what each variant keeps resident beside the shared base
 weights: trainable parameters, their gradients, the AdamW state and (SmartFed) the
@@ -62,26 +69,26 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from smartfed.benchmark.hardware import (
+    SHAPES,
+    ModelShape,
+    dtype_name,
+    llama_config,
+    parse_device,
+    parse_dtype,
+    peak_during,
+    process_peak_line,
+)
+from smartfed.benchmark.hardware import sync as _sync
 from smartfed.benchmark.timing import cpu_jiffies as _cpu_jiffies
 from smartfed.benchmark.timing import machine_line as machine
 from smartfed.benchmark.timing import others_share as _others_share
 from smartfed.more import LoraPool, MoreConfig, MoreModel, attach_more
 
-# SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json).
-SMOLLM2_135M = {
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "vocab_size": 49152,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 8192,
-    "rope_theta": 100000.0,
-    "rms_norm_eps": 1e-5,
-}
+# SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json), the default; --shape picks another.
+SMOLLM2_135M = SHAPES["smollm2"].llama
 RANK, ALPHA = 32, 64
 TARGET_MODULES = ("q_proj", "v_proj")
 POOL_SIZE = 2
@@ -136,13 +143,18 @@ class Variant:
 
 
 # --- model, pool, variants ---------------------------------------------------------------
-def build_base(layers: int, device: torch.device, seed: int) -> LlamaForCausalLM:
-    """A random Llama with SmolLM2-135M's shapes and ``layers`` decoder layers."""
+def build_base(
+    layers: int,
+    device: torch.device,
+    seed: int,
+    shape: ModelShape = SHAPES["smollm2"],
+    dtype: torch.dtype = torch.float32,
+) -> LlamaForCausalLM:
+    """A random Llama with ``shape``'s shapes and ``layers`` decoder layers, frozen, in ``dtype`` on ``device``."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        **{**SMOLLM2_135M, "num_hidden_layers": layers}, pad_token_id=0, bos_token_id=1, eos_token_id=2
-    )
-    model = LlamaForCausalLM(config).to(device)
+    with torch.device(device):  # initialised where it runs: Llama-2-7B's layers take seconds each on a CPU
+        model = LlamaForCausalLM(llama_config(shape, layers))
+    model.to(dtype)  # initialised in float32, then cast (as a bf16 checkpoint would have been made)
     model.requires_grad_(False)
     return model
 
@@ -169,11 +181,6 @@ def make_adapter(base: nn.Module, path: Path, seed: int, rank: int = RANK) -> Pa
         warnings.simplefilter("ignore", FutureWarning)
         peft_model.save_pretrained(path)
     return path
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _train_step(
@@ -294,12 +301,7 @@ def saved_activation_bytes(v: Variant) -> int:
 
 def cuda_step_peak_bytes(v: Variant, device: torch.device) -> int:
     """Peak CUDA memory of one step above what was allocated before it."""
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    v.step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    return peak_during(v.step, device)
 
 
 def frozen_expert_tensors(model: MoreModel, device: torch.device) -> list[torch.Tensor]:
@@ -383,6 +385,10 @@ def _verdict(ratio: float, target: float) -> str:
     return "PASS" if ratio <= target else "MISS"
 
 
+def _dtype_short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, dtype_name(dtype))
+
+
 def report(
     variants: Sequence[Variant],
     *,
@@ -400,13 +406,13 @@ def report(
         if device.type == "cuda"
         else "activations = bytes saved for backward (per storage, parameters and buffers left out)"
     )
+    shape = SHAPES[args.shape]
+    dtype = parse_dtype(args.dtype, device)
     lines = [
         "SmartFed vs FedIT (fresh PEFT LoRA): one client training step, memory and uplink per round",
         f"device {machine(device)}",
-        f"model: random Llama, SmolLM2-135M shapes: hidden {SMOLLM2_135M['hidden_size']}, intermediate "
-        f"{SMOLLM2_135M['intermediate_size']}, layers {args.layers}, heads {SMOLLM2_135M['num_attention_heads']}, "
-        f"kv heads {SMOLLM2_135M['num_key_value_heads']}, vocab {SMOLLM2_135M['vocab_size']}, tied embeddings; "
-        f"{base_params:,} parameters ({_mib(base_bytes)} MiB fp32, shared by all variants)",
+        f"model: random Llama, {shape.label} shapes: {shape.describe(args.layers)}; "
+        f"{base_params:,} parameters ({_mib(base_bytes)} MiB {_dtype_short(dtype)}, shared by all variants)",
         f"batch {args.batch} x {args.seq} tokens (the same for all); step = forward + backward + AdamW(lr {LEARNING_RATE})",
         f"LoRA: rank {RANK}, alpha {ALPHA}, dropout 0 on {', '.join(TARGET_MODULES)} | SmartFed M=<M>: a pool of "
         f"{POOL_SIZE} adapters of rank M/{POOL_SIZE}, alpha 2·rank, on {', '.join(TARGET_MODULES)} -> M rank-one "
@@ -464,9 +470,13 @@ def report(
             with_base = (v.memory_total + base_bytes) / (lora.memory_total + base_bytes)
             row += f" {ratio:7.3f} {'<= ' + format(MEMORY_TARGET, '.2f'):>7} {_verdict(ratio, MEMORY_TARGET)}    | {with_base:7.3f}"
         lines.append(row)
-    lines += [
+    lines.append(
         "  frozen: SmartFed's stacked experts (layer buffers + the pool it holds); AdamW: exp_avg, exp_avg_sq, step; "
-        "w/ base: the total ratio with the base weights counted",
+        "w/ base: the total ratio with the base weights counted"
+    )
+    if device.type == "cuda":  # what the GPU had to hold: the shared base, every variant's state, a step's peak
+        lines.append(f"  {process_peak_line(device)}")
+    lines += [
         "",
         "bytes sent up per client per round",
     ]
@@ -506,7 +516,20 @@ def report(
 # --- entry point ---------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"], help="decoder layers")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="smollm2",
+        help="the model whose shapes the random base has: SmolLM2-135M (default) or Llama-2-7B",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (default: "
+        + ", ".join(f"{s.default_layers} for {name}" for name, s in SHAPES.items())
+        + "; quick: 2)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (the paper's reference: 16)")
     parser.add_argument("--seq", type=int, default=48, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 12; quick: 2)")
@@ -524,7 +547,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"M = {POOL_SIZE * POOL_RANKS[1]}, twice it)",
     )
     parser.add_argument("--top-k", type=int, default=None, help="SmartFed's K (default: M/2 for each pool)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the frozen base and the experts (default float32)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -545,8 +574,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=2, help="steps per variant under the profiler")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers, batch 2 x 16, 2 repeats")
     args = parser.parse_args(argv)
+    if args.layers is None:
+        args.layers = SHAPES[args.shape].default_layers
     if args.quick:
-        args.layers, args.batch, args.seq = 2, 2, 16
+        args.layers, args.batch, args.seq = min(2, args.layers), 2, 16
+    try:  # a clear message now rather than a CUDA error from deep inside the first step
+        parse_dtype(args.dtype, parse_device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
     if args.repeats is None:
         args.repeats = 2 if args.quick else 12
     if args.warmup is None:
@@ -564,12 +599,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    base = build_base(args.layers, device, args.seed)
+    device = parse_device(args.device)
+    shape = SHAPES[args.shape]
+    base = build_base(args.layers, device, args.seed, shape, parse_dtype(args.dtype, device))
     base_params = sum(p.numel() for p in base.parameters())
     base_bytes = _storage_bytes(base.parameters())
     gen = torch.Generator().manual_seed(args.seed + 1)
-    input_ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen).to(device)
+    input_ids = torch.randint(3, shape.llama["vocab_size"], (args.batch, args.seq), generator=gen).to(device)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
     variants = [make_lora(base, batch)]
