@@ -81,6 +81,19 @@ class CompositionConfig:
     )
     controls: bool = field(default=False, metadata={"help": "Also run the controls (continued FT, static gate)."})
     out: str = field(default="runs/demo", metadata={"help": "Output folder."})
+    device: str = field(
+        default="auto", metadata={"help": "Where models load and train: 'auto' (CUDA when present), 'cpu', 'cuda:N'."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the base: 'auto' (bf16/fp16 on a GPU, float32 on the CPU) or a dtype name."},
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Quantise the base to 4-bit (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Quantise the base to 8-bit (bitsandbytes)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass (less memory)."}
+    )
+    client_gpus: float = field(default=0.0, metadata={"help": "GPUs per simulated client (Ray num_gpus)."})
 
     def __post_init__(self) -> None:
         if self.composite not in COMPOSITES:
@@ -95,6 +108,16 @@ class CompositionConfig:
         if self.wire_dtype not in wire_dtypes:
             raise ValueError(f"wire_dtype={self.wire_dtype!r} is not one of {list(wire_dtypes)}")
         self.seed_list()
+        _run_config(self, 0, "", "smartfed", Path(self.out))  # the device settings, checked as a run checks them
+
+    def placement(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_model_and_tokenizer`` for the base (device, dtype, quantisation)."""
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "load_in_4bit": self.load_in_4bit,
+            "load_in_8bit": self.load_in_8bit,
+        }
 
     def seed_list(self) -> list[int]:
         try:
@@ -184,6 +207,12 @@ def _run_config(config: CompositionConfig, seed: int, pool: str, method: str, ou
         client_threads=1,
         wire_dtype=config.wire_dtype,
         output_dir=str(out),
+        device=config.device,
+        dtype=config.dtype,
+        load_in_4bit=config.load_in_4bit,
+        load_in_8bit=config.load_in_8bit,
+        gradient_checkpointing=config.gradient_checkpointing,
+        client_gpus=config.client_gpus,
     )
 
 
@@ -197,7 +226,7 @@ def federated_run(config: CompositionConfig, seed: int, pool: str, method: str, 
     # (overwrite deletes only a SmartFed run folder, and never mixes two runs)
     run_simulation(_run_config(config, seed, pool, method, out), progress=True, overwrite=True)
     wall = time.monotonic() - started
-    loaded = load(out)
+    loaded = load(out, device=config.device)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"model": loaded.model, "rows": rows, "wall_seconds": wall}
 
@@ -215,11 +244,12 @@ def _train_centralised(
     seed: int,
 ) -> None:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    device = next(model.parameters()).device
     model.train()
     for batch in batches(
         train, tokenizer, batch_size=config.batch_size, steps=config.total_steps(), seed=seed, max_length=96
     ):
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -281,7 +311,7 @@ def run_composition(config: CompositionConfig, console: Console | None = None) -
     skill_names = COMPOSITES[config.composite]
     adapters = {name: str(zoo / name) for name in skill_names}
     pool_spec = ",".join(adapters.values())
-    base, tokenizer = load_model_and_tokenizer(config.model)
+    base, tokenizer = load_model_and_tokenizer(config.model, **config.placement())
     task, _, test = load_task(config.composite, seed=0, num_train=1, num_test=config.num_test)
     results: dict[str, Any] = {"config": asdict(config), "test_items": len(test), "gates": {}, "items": {}, "seeds": {}}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -49,16 +50,64 @@ PoolOpt = Annotated[
     typer.Option("--pool", help="Comma-separated adapter folders, when they moved since the run (same order)."),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where the model loads: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")
+]
+DtypeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dtype",
+        help="dtype of the base: 'auto', 'float32', 'bfloat16', 'float16' (default: the run's --dtype).",
+        show_default=False,
+    ),
+]
+Load4Opt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--load_in_4bit/--no_load_in_4bit",
+        help="Quantise the base to 4-bit with bitsandbytes (default: as the run did).",
+        show_default=False,
+    ),
+]
+Load8Opt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--load_in_8bit/--no_load_in_8bit",
+        help="Quantise the base to 8-bit with bitsandbytes (default: as the run did).",
+        show_default=False,
+    ),
+]
 
 
-def load_run(run_dir: Path, round_: int | None, pool: str | None, debug: bool) -> Any:
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what a finished run's model loads: ``--device``, ``--dtype``, ``--load_in_4bit/8bit``."""
+
+    device: str = "auto"
+    dtype: str | None = None  # None: the run's own setting
+    load_in_4bit: bool | None = None
+    load_in_8bit: bool | None = None
+
+
+def load_run(
+    run_dir: Path, round_: int | None, pool: str | None, debug: bool, placement: Placement | None = None
+) -> Any:
     """``smartfed.load`` of a finished run without progress bars; a bad folder is one ``error:`` line."""
     from transformers.utils import logging as hf_logging
 
     from ..serving.inference import load
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the answer
+    where = placement or Placement()
     try:
-        return load(run_dir, checkpoint=round_, pool=pool)
+        return load(
+            run_dir,
+            checkpoint=round_,
+            pool=pool,
+            device=where.device,
+            dtype=where.dtype,
+            load_in_4bit=where.load_in_4bit,
+            load_in_8bit=where.load_in_8bit,
+        )
     except (FileNotFoundError, ValueError, TypeError) as err:
         error_exit(err, debug)

@@ -85,6 +85,7 @@ def check_paths(config: RunConfig, methods: Optional[list[str]] = None) -> Any:
     from ..more import LoraPool
     from ..run.pools import resolve_pool
 
+    check_hardware(config)
     load_builtin_methods()
     runners = [get_method_class(name)(replace(config, method=name)) for name in methods or [config.method]]
     pool = LoraPool.load(resolve_pool(config.lora_pool)) if config.lora_pool else None  # names a broken adapter
@@ -103,6 +104,17 @@ def check_paths(config: RunConfig, methods: Optional[list[str]] = None) -> Any:
     for runner in runners if pool is not None else []:  # last: the paths' own errors come first
         runner.check_pool(pool)
     return pool
+
+
+def check_hardware(config: RunConfig) -> None:
+    """Fail before starting Flower when this machine lacks what ``--device``, ``--load_in_4bit/8bit`` or
+    ``--client_gpus`` ask for (no CUDA, no bitsandbytes)."""
+    from ..fl.simulation import check_gpus
+    from ..models import check_quantisation, resolve_device
+
+    resolve_device(config.device)
+    check_quantisation(config.load_in_4bit, config.load_in_8bit)
+    check_gpus(config)
 
 
 def methods_command() -> None:

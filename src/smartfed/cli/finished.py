@@ -13,7 +13,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import DebugOpt, PoolOpt, RoundOpt, RunDirArg, error_exit, load_run
+from .common import (
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    Load4Opt,
+    Load8Opt,
+    Placement,
+    PoolOpt,
+    RoundOpt,
+    RunDirArg,
+    error_exit,
+    load_run,
+)
 
 
 def generate_command(
@@ -25,6 +37,10 @@ def generate_command(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.")] = 0.0,
     round_: RoundOpt = None,
     pool: PoolOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    load_in_4bit: Load4Opt = None,
+    load_in_8bit: Load8Opt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer one prompt with a finished run's routed model, streaming tokens to the terminal."""
@@ -35,11 +51,11 @@ def generate_command(
 
     if not prompt.strip():  # checked before the model loads: nothing to answer
         raise ValueError("--prompt is empty: give the text to answer")
-    model, tokenizer = load_run(run_dir, round_, pool, debug)
+    model, tokenizer = load_run(run_dir, round_, pool, debug, Placement(device, dtype, load_in_4bit, load_in_8bit))
     ids = encode_prompt(tokenizer, prompt)
     if not ids:
         raise ValueError(f"--prompt {prompt[:40]!r} encodes to no tokens with the run's tokenizer")
-    input_ids = torch.tensor([ids], dtype=torch.long)
+    input_ids = torch.tensor([ids], dtype=torch.long).to(next(model.parameters()).device)
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
@@ -72,12 +88,16 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch_size", min=1, help="Prompts per generate call.")] = 16,
     round_: RoundOpt = None,
     pool: PoolOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    load_in_4bit: Load4Opt = None,
+    load_in_8bit: Load8Opt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Score a finished run on the held-out split of a task; writes eval/<task>/ in the run folder."""
     from ..serving.evaluate import evaluate_run
 
-    loaded = load_run(run_dir, round_, pool, debug)
+    loaded = load_run(run_dir, round_, pool, debug, Placement(device, dtype, load_in_4bit, load_in_8bit))
     try:
         result = evaluate_run(loaded, task, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     except (FileNotFoundError, ValueError) as err:  # a task that does not load: file and line named
@@ -105,6 +125,10 @@ def export_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder.")] = False,
     round_: RoundOpt = None,
     pool: PoolOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    load_in_4bit: Load4Opt = None,
+    load_in_8bit: Load8Opt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Export the routed mixture of a finished run as a static PEFT LoRA adapter of rank R, and score what it costs."""
@@ -116,7 +140,7 @@ def export_command(
         check_output(output, overwrite=overwrite, run_dir=run_dir)
     except (FileExistsError, ValueError) as err:
         error_exit(err, debug)
-    loaded = load_run(run_dir, round_, pool, debug)
+    loaded = load_run(run_dir, round_, pool, debug, Placement(device, dtype, load_in_4bit, load_in_8bit))
     try:
         loaded, report = export_run(
             run_dir, output, rank=rank, calibration=calibration, overwrite=overwrite, loaded=loaded

@@ -18,9 +18,10 @@ Two kinds of default:
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable, Collection
-from dataclasses import fields, is_dataclass
-from typing import Any, Optional, TypeVar
+from dataclasses import Field, fields, is_dataclass
+from typing import Any, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import typer
 
@@ -32,19 +33,30 @@ def dataclass_options(cls: type, *, overrides: bool = False, exclude: Collection
     if not is_dataclass(cls):
         raise TypeError(f"dataclass_options: {cls!r} is not a dataclass")
     params = []
+    hints = get_type_hints(cls)
     for f in fields(cls):
         if f.name in exclude:
             continue
+        kind = _option_kind(f, hints.get(f.name))
         if overrides:
-            kind = {int: int, float: float, bool: bool}.get(type(f.default), str)
             names = [f"--{f.name}/--no_{f.name}"] if kind is bool else [f"--{f.name}"]
             option = typer.Option(None, *names, help=f.metadata.get("help", ""), show_default=False)
             annotation: Any = Optional[kind]  # a runtime type: typer reads it
         else:
             option = typer.Option(f.default, f"--{f.name}", help=f.metadata.get("help", ""))
-            annotation = type(f.default)
+            annotation = kind if f.default is not None else Optional[kind]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
+
+
+def _option_kind(f: Field, hint: Any) -> type:
+    """The option's value type: the default's (int, float, bool, else str), or for a ``None`` default
+    the ``X`` of the field's ``X | None`` annotation."""
+    if f.default is None and get_origin(hint) in (Union, types.UnionType):
+        inner = [t for t in get_args(hint) if t is not type(None)]
+        if len(inner) == 1 and inner[0] in (int, float, bool, str):
+            return inner[0]
+    return {int: int, float: float, bool: bool}.get(type(f.default), str)
 
 
 def add_dataclass_options(

@@ -1,12 +1,16 @@
 """SmartFed's Flower ClientApp: train the method's state on this node's partition.
 
 Run by Flower's simulation engine (one virtual node per partition) or by a
-SuperNode started with ``--node-config "partition-id=N num-partitions=M"``.
+SuperNode started with ``--node-config "partition-id=N num-partitions=M"``; a
+SuperNode's node config may add ``device='cuda:1'``, which it uses over the run's
+``--device`` (one GPU per SuperNode on a multi-GPU machine).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import datasets
 import torch
@@ -46,6 +50,23 @@ def local_data(context: Context, runtime, pid: int):
     return datasets.Dataset.from_list([{**record, "label": 0} for record in read_alpaca_jsonl(str(path))])
 
 
+def config_for_node(context: Context, config: RunConfig) -> RunConfig:
+    """``config`` with this node's own device when its node config names one (``device``)."""
+    device = context.node_config.get(keys.DEVICE)
+    if device is None or device == "" or device == config.device:
+        return config
+    try:
+        return replace(config, device=str(device))
+    except ValueError as err:
+        raise ValueError(f"node config: {keys.DEVICE}={device!r}: {err}") from err
+
+
+def on_device(batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches, each tensor moved to ``device`` as it is drawn (a no-op on the CPU)."""
+    for batch in batches:
+        yield batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
 def handle_query(msg: Message, context: Context) -> Message:
     """Tell the server which data partition this node holds."""
     metrics = MetricRecord({keys.PARTITION_ID: partition_id(context)})
@@ -60,6 +81,7 @@ def handle_train(msg: Message, context: Context, config: RunConfig) -> Message:
     """
     if config.client_threads:
         torch.set_num_threads(config.client_threads)
+    config = config_for_node(context, config)
     pid = partition_id(context)
     legacy = secagg.is_legacy_fit(msg.content)  # --secagg: SecAgg+'s collect stage, legacy FitIns records
     if legacy:
@@ -122,6 +144,7 @@ def _train(
         seed=derive_seed(config.seed, "batches", server_round, pid),
         max_length=config.max_length,
     )
+    local_batches = on_device(local_batches, runtime.device)
     result = method.local_train(model, local_batches, train_config)
     kept = method.get_private_state(model)
     if kept:

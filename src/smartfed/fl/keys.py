@@ -12,4 +12,5 @@ PAYLOAD = "payload"  # JSON string of the method's server payload (e.g. quotas)
 PARTITION_ID = "partition-id"  # node config key (Flower's convention) and query reply
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"  # optional node config key: the node's own Alpaca-style JSONL file
+DEVICE = "device"  # optional node config key: this SuperNode's device ("cuda:1"), over the run's --device
 PRIVATE = "smartfed-private"  # context.state ArrayRecord: tensors a client keeps between rounds, never sent

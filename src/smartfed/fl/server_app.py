@@ -47,7 +47,7 @@ from ..run.folder import RunFolder
 from . import keys, privacy, secagg
 from .energy import EnergyMeter
 from .round import RoundContext
-from .runtime import Runtime, get_runtime
+from .runtime import Runtime, cpu_tensors, get_runtime
 from .strategy import SmartFedStrategy, combine_for
 from .validation import Candidate, ReplyRules, validate
 from .wire import wire_bytes
@@ -105,7 +105,7 @@ def _rules(runtime: Runtime, config: RunConfig, state: dict[str, torch.Tensor], 
 
     def rules(partition: int) -> ReplyRules:
         return ReplyRules(
-            expected=runtime.method.expected_update(runtime.model, partition, extras),
+            expected=cpu_tensors(runtime.method.expected_update(runtime.model, partition, extras)),
             reference={**state, **extras},
             max_update_norm=config.max_update_norm,
             protected=frozenset(state),
@@ -269,7 +269,7 @@ class Federation:
         t0 = time.monotonic()
         self.energy.start()  # training: sampling, local training, aggregation (the claims' costs)
         method = self.runtime.method
-        state = method.get_state(self.runtime.model)
+        state = cpu_tensors(method.get_state(self.runtime.model))
         ctx = RoundContext(
             server_round,
             method,
@@ -367,7 +367,7 @@ class Federation:
             merged_extras, updates = ctx.merged_extras, ctx.updates
         method.set_state(model, {k: merged[k].to(ctx.state[k].dtype) for k in ctx.state})
         update = method.server_update(ctx.server_round, model, merged_extras)
-        outcome = Aggregated(update.payload, update.extras, update.log, updates)
+        outcome = Aggregated(update.payload, cpu_tensors(update.extras), update.log, updates)
         if not self.config.secagg and self.config.dp != "none":
             outcome.dp, z_eff = privacy.round_log(self.config, len(collected.accepted), self.dp_history)
             self.dp_history.append(z_eff)
@@ -433,8 +433,8 @@ class Federation:
         self.rows.append(row)
         self.folder.write_metrics(self.rows)  # before the checkpoint: see the module docstring
         _failpoint("metrics", server_round)
-        state = self.runtime.method.get_state(self.runtime.model)
-        self.folder.save_checkpoint(server_round, {**state, **self.extras}, self.payload)
+        state = cpu_tensors(self.runtime.method.get_state(self.runtime.model))
+        self.folder.save_checkpoint(server_round, {**state, **cpu_tensors(self.extras)}, self.payload)
         _failpoint("checkpoint", server_round)
 
 

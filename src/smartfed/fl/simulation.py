@@ -14,10 +14,27 @@ from .client_app import make_client_app
 from .server_app import make_server_app
 
 
+def check_gpus(config: RunConfig) -> None:
+    """Refuse ``--client_gpus`` on a machine without CUDA: Ray would wait forever for a GPU to place a client on."""
+    if config.client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--client_gpus {config.client_gpus:g}: this machine has no CUDA GPU for Ray to give the clients "
+                "(leave --client_gpus at 0 on the CPU)"
+            )
+
+
 def _backend_config(config: RunConfig, *, verbose: bool) -> dict[str, Any]:
-    """Ray's resources and start arguments for Flower's simulation engine (this run's temp dir added later)."""
+    """Ray's resources and start arguments for Flower's simulation engine (this run's temp dir added later).
+
+    Each simulated client is a Ray actor holding its own copy of the base model: ``client_gpus``
+    (a fraction of a GPU) and ``client_cpus`` set how many actors Ray runs at once.
+    """
+    check_gpus(config)
     return {
-        "client_resources": {"num_cpus": max(config.client_threads, 1), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": config.ray_client_cpus(), "num_gpus": float(config.client_gpus)},
         "init_args": {
             "num_cpus": os.cpu_count() or 1,
             "include_dashboard": False,

@@ -98,8 +98,10 @@ class FLoRA(RankedLoraMethod):
                 layer.get_base_layer().weight.copy_(layer.flora_w0 + layer.flora_delta)
 
     def merged_delta(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The cumulative merged ΔW per target, ``<module>.flora_delta``."""
-        return {name + DELTA_SUFFIX: layer.flora_delta.clone() for name, layer in lora_layers(model).items()}
+        """The cumulative merged ΔW per target, ``<module>.flora_delta`` (CPU copies: aggregation adds the replies)."""
+        return {
+            name + DELTA_SUFFIX: layer.flora_delta.to("cpu", copy=True) for name, layer in lora_layers(model).items()
+        }
 
     def prepare_round(
         self,

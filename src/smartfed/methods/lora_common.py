@@ -93,11 +93,14 @@ def lora_scaling(model: nn.Module) -> float:
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{<module>.lora_A.weight: A (r, d_in), <module>.lora_B.weight: B (d_out, r)}``, detached copies."""
+    """``{<module>.lora_A.weight: A (r, d_in), <module>.lora_B.weight: B (d_out, r)}``, detached CPU copies.
+
+    On the CPU whatever the model's device: the server combines them with the clients' replies.
+    """
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        state[name + A_SUFFIX] = layer.lora_A[ADAPTER].weight.detach().clone()
-        state[name + B_SUFFIX] = layer.lora_B[ADAPTER].weight.detach().clone()
+        state[name + A_SUFFIX] = layer.lora_A[ADAPTER].weight.detach().to("cpu", copy=True)
+        state[name + B_SUFFIX] = layer.lora_B[ADAPTER].weight.detach().to("cpu", copy=True)
     return state
 
 

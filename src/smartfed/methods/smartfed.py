@@ -51,6 +51,7 @@ class SmartFed(Method):
             router_init=c.router_init,
             router_init_std=c.router_init_std,
             router_bias=c.router_bias,
+            router_dtype=c.router_dtype,
         )
 
     def check_pool(self, pool: LoraPool) -> None:

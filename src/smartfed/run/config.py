@@ -15,7 +15,8 @@ from typing import Any, Literal, get_args
 
 import tomllib
 
-from ..more.config import GateType, RankInput, RouterInit, RouterType
+from ..models import DEVICE_FORMS, DtypeName, is_device_spec
+from ..more.config import GateType, RankInput, RouterDtype, RouterInit, RouterType
 
 Partition = Literal["iid", "dirichlet"]
 EnergyMode = Literal["codecarbon", "none"]
@@ -108,6 +109,44 @@ class RunConfig:
     client_threads: int = field(
         default=0,
         metadata={"help": "torch threads per client (0: leave torch's default; Ray gives each simulated client 1)."},
+    )
+    # --- device, precision, memory (README "GPUs, 16-bit and 4-bit bases") ---------------------
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where models load and train: 'auto' (CUDA when present, else the CPU), 'cpu', 'cuda', "
+            "'cuda:N'. A SuperNode's node config 'device' overrides it for that node."
+        },
+    )
+    dtype: DtypeName = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the base model: 'auto' (bfloat16 on a GPU that has it, float16 on an older GPU, "
+            "float32 on the CPU), 'float32', 'bfloat16', 'float16'. Routers and LoRA factors stay float32."
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Quantise the base to 4-bit NF4 with bitsandbytes (smartfed[gpu])."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Quantise the base to 8-bit (LLM.int8) with bitsandbytes (smartfed[gpu])."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30 % more time."}
+    )
+    router_dtype: RouterDtype = field(
+        default="float32",
+        metadata={"help": "dtype of SmartFed's trainable routers (float32 keeps them stable under a 16-bit base)."},
+    )
+    client_gpus: float = field(
+        default=0.0,
+        metadata={
+            "help": "GPUs per simulated client (Ray num_gpus; 0.25: four clients share a GPU; 0: Ray reserves none)."
+        },
+    )
+    client_cpus: int | None = field(
+        default=None,
+        metadata={"help": "CPU cores per simulated client (Ray num_cpus; default: --client_threads, at least 1)."},
     )
     output_dir: str = field(default="runs/smartfed", metadata={"help": "Run folder."})
     wire_dtype: WireDtype = field(
@@ -211,7 +250,34 @@ class RunConfig:
         _choice("partition", self.partition, Partition)
         _choice("energy", self.energy, EnergyMode)
         self.budget_values()  # validates client_budgets (without a list of num_clients entries)
+        self._check_device()
         self._check_reliability()
+
+    def _check_device(self) -> None:
+        """The form of the device, precision and resource settings (whether this machine has them: at load)."""
+        if not is_device_spec(self.device):
+            raise ValueError(f"device={self.device!r} is not a device: use {DEVICE_FORMS}")
+        _choice("dtype", self.dtype, DtypeName)
+        _choice("router_dtype", self.router_dtype, RouterDtype)
+        for name in ("load_in_4bit", "load_in_8bit", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit=True and load_in_8bit=True exclude each other: choose one quantisation")
+        gpus = self.client_gpus
+        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus < math.inf:
+            raise ValueError(f"client_gpus={gpus!r} must be a finite number >= 0")
+        if gpus > 1 and gpus != int(gpus):  # Ray: a fraction of one GPU, or whole GPUs
+            raise ValueError(f"client_gpus={gpus!r}: above 1 it must be a whole number of GPUs")
+        if gpus > 0 and self.device == "cpu":
+            raise ValueError(f"client_gpus={gpus!r} with device='cpu': a client on the CPU needs no GPU")
+        cpus = self.client_cpus
+        if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
+            raise ValueError(f"client_cpus={cpus!r} must be a positive integer (or unset: --client_threads)")
+
+    def ray_client_cpus(self) -> int:
+        """Ray's num_cpus per simulated client: ``client_cpus``, else ``client_threads`` (at least 1)."""
+        return self.client_cpus if self.client_cpus is not None else max(self.client_threads, 1)
 
     def _check_reliability(self) -> None:
         for name in ("min_fit_clients", "round_retries"):
@@ -304,8 +370,8 @@ class RunConfig:
         return cls(**data)
 
     def to_flower(self) -> dict[str, Any]:
-        """Flower run config (hyphenated keys, scalar values)."""
-        return {k.replace("_", "-"): v for k, v in self.to_dict().items()}
+        """Flower run config (hyphenated keys, scalar values; an unset ``None`` field is left out: its default)."""
+        return {k.replace("_", "-"): v for k, v in self.to_dict().items() if v is not None}
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:

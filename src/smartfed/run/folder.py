@@ -48,13 +48,47 @@ PAYLOAD_KEY = "smartfed.payload"
 CHECKSUM_KEY = "smartfed.sha256"
 LOCK_FILE = ".lock"
 # Settings a resume may change: they extend the run or change how it is watched, not what it trains.
-RESUME_MAY_CHANGE = frozenset({"num_rounds", "eval_every", "output_dir", "round_timeout", "client_threads", "energy"})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "num_rounds",
+        "eval_every",
+        "output_dir",
+        "round_timeout",
+        "client_threads",
+        "energy",
+        # where and on how much hardware the run goes on, not what it trains
+        "device",
+        "client_gpus",
+        "client_cpus",
+        "gradient_checkpointing",
+    }
+)
+# What a config.json written before a setting existed ran with. Every run before --dtype loaded its
+# base in float32: a resume of such a run keeps float32 (the setting's default, "auto", would give a
+# resumed run bfloat16 on a GPU). Settings absent here take their RunConfig default.
+LEGACY_SETTINGS: dict[str, Any] = {"dtype": "float32"}
 # Keys every SmartFed config.json has and no transformers/PEFT config.json has (see is_run_folder).
 _RUN_CONFIG_KEYS = frozenset({"method", "model_name_or_path", "lora_pool", "output_dir"})
 
 
 class RunFolderBusy(OSError):
     """Another live process holds the run folder's lock."""
+
+
+def _same_setting(key: str, saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether setting ``key`` of a resume (``wanted``) continues the saved run's.
+
+    ``dtype``: "auto" and the dtype it resolves to on the resume's device are one setting
+    (a run saved with float32 resumes with the default "auto" on the CPU).
+    """
+    if saved.get(key) == wanted[key]:
+        return True
+    if key != "dtype" or key not in saved:
+        return False
+    from ..models import resolve_device, resolve_dtype
+
+    device = resolve_device(wanted["device"])
+    return resolve_dtype(saved[key], device) == resolve_dtype(wanted[key], device)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor], payload_json: str = "") -> str:
@@ -225,7 +259,7 @@ class RunFolder:
             raise ValueError(f"{self.path / CONFIG_FILE}: expected a JSON object")
         saved = RunConfig.from_dict(raw, source=str(self.path / CONFIG_FILE)).to_dict()
         wanted = config.to_dict()
-        differ = [k for k in wanted if k not in RESUME_MAY_CHANGE and saved.get(k) != wanted[k]]
+        differ = [k for k in wanted if k not in RESUME_MAY_CHANGE and not _same_setting(k, saved, wanted)]
         if pool is None and "lora_pool" in differ and config.lora_pool and (self.path / POOL_FILE).is_file():
             from ..more import LoraPool  # other folders may hold the same adapters: compare their weights
             from .pools import resolve_pool
@@ -295,9 +329,12 @@ class RunFolder:
         if not file.is_file():
             raise FileNotFoundError(f"{self.path} is not a SmartFed run folder (no {CONFIG_FILE})")
         try:
-            return json.loads(file.read_text(encoding="utf-8"))
+            config = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{file}: not valid JSON ({err})") from err
+        if isinstance(config, dict):  # written before a setting existed: what that run used (LEGACY_SETTINGS)
+            config = {**LEGACY_SETTINGS, **config}
+        return config
 
     def read_metrics(self) -> list[dict[str, Any]]:
         file = self.path / METRICS_FILE

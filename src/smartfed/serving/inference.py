@@ -147,6 +147,9 @@ def load(
     pool: PoolSource | None = None,
     device: str | torch.device | None = None,
     verify_pool: bool = True,
+    dtype: str | None = None,
+    load_in_4bit: bool | None = None,
+    load_in_8bit: bool | None = None,
 ) -> Loaded:
     """Load a SmartFed run folder for inference.
 
@@ -156,8 +159,12 @@ def load(
         pool: the LoRA adapters, when they moved since the run (folders or
             Hub ids in the run's order, or a ``LoraPool``); default: the
             ``lora_pool`` of ``config.json``.
-        device: where to put the model (default: where it loads, the CPU).
+        device: where to load the model: "auto", "cpu", "cuda", "cuda:N" or a
+            ``torch.device`` (default: the CPU).
         verify_pool: check every adapter's sha256 against ``pool.json``.
+        dtype: the base's dtype, as ``--dtype`` (default: the run's ``dtype``, resolved
+            for ``device``; float32 for runs recorded before the setting existed).
+        load_in_4bit, load_in_8bit: quantise the base with bitsandbytes (default: as the run did).
 
     Returns:
         ``Loaded(model, tokenizer, config, round, payload, run_dir, pool)``; it
@@ -177,7 +184,7 @@ def load(
             "smartfed.load_router_file(model, pool, router_file)"
         )
     from ..methods import get_method_class, load_builtin_methods
-    from ..models import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer, place_on
     from ..run.seeds import derive_seed
 
     folder, config = _run_folder(run_dir)
@@ -186,8 +193,17 @@ def load(
     lora_pool = _load_pool(folder, config, pool, verify_pool) if uses_pool else None
     load_builtin_methods()
     method = get_method_class(config.method)(config)
-    model, tokenizer = load_model_and_tokenizer(config.model_name_or_path)
+    target = _device(device)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model_name_or_path,
+        device=target,
+        dtype=config.dtype if dtype is None else dtype,
+        load_in_4bit=config.load_in_4bit if load_in_4bit is None else load_in_4bit,
+        load_in_8bit=config.load_in_8bit if load_in_8bit is None else load_in_8bit,
+    )
     model = method.build(model, lora_pool, torch.Generator().manual_seed(derive_seed(config.seed, "init")))
+    if target.type != "cpu":
+        place_on(model, target)  # what the method made on the CPU joins the base
     tensors, payload = folder.load_checkpoint(server_round)
     path = folder.checkpoint_path(server_round)
     state_keys = set(method.get_state(model))
@@ -197,10 +213,24 @@ def load(
     except (ValueError, KeyError) as err:  # a method may index the tensors or the payload by key
         detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
         raise ValueError(f"checkpoint {path}: {detail}") from err
-    if device is not None:
-        model.to(device)
     model.eval()
     return Loaded(model, tokenizer, config, server_round, payload, folder.path, lora_pool)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """``load``'s device: the CPU by default, a ``--device`` form resolved (auto, cuda:N), anything else as torch reads it."""
+    from ..models import is_device_spec, resolve_device
+
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    if is_device_spec(device):
+        return resolve_device(device)
+    try:  # another torch device ("mps", "xpu:0"), as earlier releases moved the model to
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N ({err})") from None
 
 
 def _router_metadata(path: Path) -> dict[str, str]:
@@ -262,10 +292,10 @@ def load_router_file(
                     f"router file {path}: module {name!r} was routed over {count} experts, "
                     f"the pool gives it {module.num_experts} (another pool, or adapters in another order?)"
                 )
-    if isinstance(model, (str, os.PathLike)):
-        from ..models import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer, place_on
 
-        model, _ = load_model_and_tokenizer(str(model))
+    if isinstance(model, (str, os.PathLike)):
+        model, _ = load_model_and_tokenizer(str(model), device=_device(device))
     more = attach_more(model, lora_pool, config)
     more.load_router(path)
     if quotas is None and ROUTER_QUOTAS_KEY in metadata:
@@ -273,5 +303,5 @@ def load_router_file(
     if quotas:
         more.set_quotas(dict(quotas))
     if device is not None:
-        more.to(device)
+        place_on(more, _device(device))  # not .to(): a bitsandbytes base cannot move
     return more.eval()
