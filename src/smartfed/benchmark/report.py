@@ -23,10 +23,11 @@ import math
 import os
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..run.config import RunConfig
 from ..run.folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, atomic_write_bytes, atomic_write_json
 
 COMPARISON_MD = "comparison.md"
@@ -226,9 +227,11 @@ class MethodRow:
 def _config_differences(runs: Sequence[RunRecord]) -> dict[str, list[Any]]:
     """Config fields (other than method, options, seed, folder) whose values differ between runs."""
     keys = set().union(*(r.config for r in runs)) - _VARYING
+    # a key a config.json lacks (written before the setting existed) holds the setting's default
+    defaults = {f.name: f.default for f in fields(RunConfig)}
     out = {}
     for key in sorted(keys):
-        values = {json.dumps(r.config.get(key), sort_keys=True) for r in runs}
+        values = {json.dumps(r.config.get(key, defaults.get(key)), sort_keys=True) for r in runs}
         if len(values) > 1:
             out[key] = sorted(json.loads(v) for v in values)
     return out
