@@ -488,7 +488,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (default 4: round 1 and 3 more)")
     parser.add_argument("--local-steps", type=int, default=8, help="local steps per client per round (default 8)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--examples-per-client", type=int, default=16)
+    # arith has ~1,575 distinct prompts: 10 per client keeps 100 clients (1,000 examples) within them
+    parser.add_argument("--examples-per-client", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per training example")
     # ~1 M parameters: a client's round takes a few tenths of a second, so what the engine adds shows
     parser.add_argument("--hidden", type=int, default=128, help="the tiny model's hidden size")
