@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 
 from datasets import Dataset, Features, Value
 
-MetricName = Literal["exact_match", "numeric", "rouge_l", "json_answer"]
+MetricName = Literal["exact_match", "numeric", "rouge_l", "json_answer", "program_value"]
 
 COLUMNS: tuple[str, ...] = ("prompt", "answer", "label")
 """The columns of every dataset ``load_task`` returns."""
@@ -35,7 +35,8 @@ class Task:
         name: registry name (or the JSONL path it was loaded from).
         prompt_template: ``str.format`` template filled with the record's fields.
         answer_field: the record field holding the reference answer (cast to str).
-        metric: ``"exact_match"``, ``"numeric"`` or ``"rouge_l"`` (see ``smartfed.eval.metrics``).
+        metric: a ``MetricName``: ``"exact_match"``, ``"numeric"``, ``"rouge_l"``, ``"json_answer"`` or
+            ``"program_value"`` (see ``smartfed.eval.metrics``).
         label_field: the record field (ints) used for Dirichlet partitioning; None
             when the task has no label (every record gets label 0).
         description: one line for ``list_tasks`` and logs.

@@ -1,8 +1,10 @@
-"""Answer metrics: exact match, numeric match and ROUGE-L, each in [0, 1] per example.
+"""Answer metrics: exact match, numeric match, ROUGE-L, JSON answers and program values, each in [0, 1] per example.
 
 ``score(metric, preds, refs)`` is the mean over examples; ``METRICS`` maps the
-names a ``Task`` uses (``"exact_match"``, ``"numeric"``, ``"rouge_l"``) to the
-per-example functions.
+names a ``Task`` uses (``"exact_match"``, ``"numeric"``, ``"rouge_l"``,
+``"json_answer"``, ``"program_value"``) to the per-example functions.
+``"program_value"`` runs the predicted program in the sandbox
+(``smartfed.eval.solve``); the others only read text.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from .solve import ProgramError, reference_value, run_solve
 
 NUMERIC_REL_TOL = 1e-6
 NUMERIC_ABS_TOL = 1e-6
@@ -101,6 +105,11 @@ def json_answer(pred: str, ref: str) -> float:
         got, want = _json_answer_value(pred), _json_answer_value(ref)
     except ValueError:  # json.JSONDecodeError is a ValueError
         return 0.0
+    return float(same_value(got, want))
+
+
+def same_value(got: object, want: object) -> bool:
+    """Two answer values are the same: numbers (not bools) within the ``numeric`` tolerances, else equal and of one type."""
     numbers = (int, float)
     if (
         isinstance(got, numbers)
@@ -108,8 +117,30 @@ def json_answer(pred: str, ref: str) -> float:
         and not isinstance(got, bool)
         and not isinstance(want, bool)
     ):
-        return float(math.isclose(got, want, rel_tol=NUMERIC_REL_TOL, abs_tol=NUMERIC_ABS_TOL))
-    return float(type(got) is type(want) and got == want)
+        return math.isclose(got, want, rel_tol=NUMERIC_REL_TOL, abs_tol=NUMERIC_ABS_TOL)
+    return type(got) is type(want) and got == want
+
+
+def program_value(pred: str, ref: str) -> float:
+    """1.0 when the predicted program's ``solve()``, run in the sandbox, returns the reference program's value.
+
+    The ``code`` skill and ``code_math`` (``smartfed.data.composite``): ``ref`` is
+    ``def solve():\n    return 68``; ``return 68``, ``return 23 + 45`` and
+    ``return 68.0`` are right, ``return '68'``, a program that raises, loops past
+    ``solve.SOLVE_TIMEOUT_S`` or has no ``solve`` score 0.0 (``smartfed.eval.solve``).
+
+    Raises:
+        ValueError: the reference itself returns no value (a broken task, not a wrong answer).
+    """
+    try:
+        want = reference_value(ref)
+    except ProgramError as err:
+        raise ValueError(f"program_value: the reference program {ref!r} returns no value ({err})") from err
+    try:
+        got = run_solve(pred)
+    except ProgramError:
+        return 0.0
+    return float(same_value(got, want))
 
 
 METRICS: dict[str, Callable[[str, str], float]] = {
@@ -117,6 +148,7 @@ METRICS: dict[str, Callable[[str, str], float]] = {
     "numeric": numeric_match,
     "rouge_l": rouge_l,
     "json_answer": json_answer,
+    "program_value": program_value,
 }
 """Metric name → per-example function ``(pred, ref) -> float`` in [0, 1]."""
 

@@ -45,6 +45,7 @@ from typing import Any
 from ..data.readers.math23k import parse_math_value
 from .metrics import METRICS, NUMERIC_ABS_TOL, NUMERIC_REL_TOL
 from .sandbox import run_python
+from .solve import extract_code
 
 PROGRAM_TIMEOUT_S = 5.0
 """Wall-clock seconds a program (tests included) may run."""
@@ -66,7 +67,6 @@ _ANSWER_IS = re.compile(
     r"answer\s*(?:is|:)|答案\s*[是为:：]|respuesta\s*(?:es|:)|réponse\s*(?:est|:)|Antwort\s*(?:ist|lautet|:)",
     re.IGNORECASE,
 )
-_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 # --------------------------------------------------------------------------- answer metrics
@@ -142,12 +142,6 @@ def math_value_match(pred: str, ref: str) -> float:
 
 
 # --------------------------------------------------------------------------- programs
-
-
-def extract_code(text: str) -> str:
-    """The program in a model's answer: the first Markdown-fenced block when there is one, else the text."""
-    match = _FENCE.search(text)
-    return match.group(1) if match else text
 
 
 def _field(record: Mapping[str, Any], key: str, metric: str) -> Any:
