@@ -14,7 +14,7 @@ from smartfed.zoo import ZooConfig, resolve_pool
 
 
 def _problem_of(prompt: str) -> str:
-    """'What is 23 + 45? Answer in JSON.' / '¿Cuánto es 23 más 45?' -> '23 + 45'."""
+    """'What is 23 + 45? Answer in JSON.' / '¿Cuánto es 23 más 45?' / 'Write solve() for: What is 23 + 45?' -> '23 + 45'."""
     words = prompt.replace("?", " ").replace("¿", " ").split()
     numbers = [i for i, w in enumerate(words) if w.isdigit()]
     op = {"más": "+", "menos": "-", "por": "*"}.get(words[numbers[0] + 1], words[numbers[0] + 1])
@@ -30,7 +30,7 @@ def test_shards_partition_every_problem():
 
 def test_no_heldout_problem_is_trained_anywhere():
     trained = set()
-    for task in ("math", "json_math", "spanish_math"):
+    for task in ("math", "json_math", "spanish_math", "code_math"):
         for seed in (0, 1, 2):
             _, train, _ = load_task(task, seed=seed, num_train=1500, num_test=220)
             trained |= {_problem_of(p) for p in train["prompt"]}
@@ -56,7 +56,7 @@ def test_composites_pair_their_skills_with_matching_phrasing():
     assert all(p.startswith("What is ") and not p.endswith("JSON.") for p in math["prompt"])
     _, json_train, _ = load_task("json_format", seed=0, num_train=200, num_test=5)
     assert not any(any(op in p for op in (" + ", " - ", " * ")) for p in json_train["prompt"])  # no arithmetic
-    assert set(SKILLS) == {"math", "json", "spanish"}
+    assert set(SKILLS) == {"math", "json", "spanish", "code"}
 
 
 def test_too_many_items_is_a_clear_error():
@@ -120,7 +120,8 @@ def test_zoo_names_resolve_from_the_manifest(tmp_path):
 
 
 def test_zoo_config_validates():
-    with pytest.raises(ValueError, match="skills='code'"):
-        ZooConfig(skills="code")
+    with pytest.raises(ValueError, match="skills='nope'"):
+        ZooConfig(skills="nope")
+    assert ZooConfig(skills="code").skill_list() == ["code"]
     with pytest.raises(ValueError, match="steps=0"):
         ZooConfig(steps=0)

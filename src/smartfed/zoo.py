@@ -1,7 +1,7 @@
 """The example LoRA pool: skill adapters trained with PEFT, deterministic, with a manifest.
 
 ``smartfed zoo build`` trains one LoRA per skill of the default benchmark
-(``smartfed.data.composite``: math, json, spanish) on the base model, scores
+(``smartfed.data.composite``: math, json, spanish, code) on the base model, scores
 each on its own skill and on every composition, and writes
 
     <out>/<adapter>/adapter_config.json, adapter_model.safetensors   (PEFT format)
@@ -9,6 +9,9 @@ each on its own skill and on every composition, and writes
 
 The adapters are a few MB each, so the project commits them under ``zoo/`` and
 ``make demo`` need not train them; the manifest says how to rebuild them.
+``--skills code`` builds one adapter into an existing zoo: the other adapters'
+folders and manifest entries (each with its own command and config) stay as
+they are, and the base's scores gain the new skill and compositions.
 ``--lora_pool zoo:math,zoo:json`` (or ``zoo:`` for every adapter) names them.
 """
 
@@ -42,7 +45,7 @@ class ZooConfig:
     """How the skill adapters are trained (defaults: the feasibility runs of the benchmark issue)."""
 
     base_model: str = field(default="smollm2-135m", metadata={"help": "Base model (name, folder or .gguf)."})
-    skills: str = field(default="math,json,spanish", metadata={"help": "Comma-separated adapters to train."})
+    skills: str = field(default="math,json,spanish,code", metadata={"help": "Comma-separated adapters to train."})
     steps: int = field(default=150, metadata={"help": "Training steps per adapter."})
     batch_size: int = field(default=8, metadata={"help": "Batch size."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})

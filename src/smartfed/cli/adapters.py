@@ -93,15 +93,33 @@ def zoo_build(
         error_exit(err, debug)
     folder = out or default_zoo_dir()
     manifest = build_zoo(config, folder, command=" ".join(["smartfed", *sys.argv[1:]]))
-    table = Table(title=f"zoo: {folder}")
-    for column in ("adapter", "own skill", *next(iter(manifest["adapters"].values()))["scores"], "MB"):
+    Console().print(_zoo_table(manifest, title=f"zoo: {folder}"))
+
+
+def _zoo_table(manifest: dict[str, Any], *, title: str) -> Table:
+    """Each adapter's own-skill score and its scores on the compositions, and the base's; '–' where not scored.
+
+    Adapters built at different times may have been scored on different
+    compositions (one added later), so the columns are the union of them all.
+    """
+    adapters = manifest["adapters"]
+    own_tasks = {info["task"] for info in adapters.values()}
+    columns = list(dict.fromkeys(t for info in adapters.values() for t in info["scores"] if t not in own_tasks))
+    table = Table(title=title)
+    for column in ("adapter", "own skill", *columns, "MB"):
         table.add_column(column)
-    for name, info in manifest["adapters"].items():
-        own = info["scores"][info["task"]]
-        table.add_row(
-            name, f"{own:.3f}", *(f"{v:.3f}" for v in info["scores"].values()), f"{info['bytes'] / 2**20:.1f}"
-        )
-    Console().print(table)
+
+    def cell(scores: dict[str, float], task: str) -> str:
+        return f"{scores[task]:.3f}" if task in scores else "–"
+
+    for name, info in adapters.items():
+        own = f"{info['task']} {info['scores'][info['task']]:.3f}"
+        table.add_row(name, own, *(cell(info["scores"], t) for t in columns), f"{info['bytes'] / 2**20:.1f}")
+    base = manifest.get("base_scores", {})
+    if base:
+        own = ", ".join(f"{t} {v:.3f}" for t, v in base.items() if t in own_tasks)
+        table.add_row("base", own, *(cell(base, t) for t in columns), "")
+    return table
 
 
 add_dataclass_options(zoo_build, ZooConfig)

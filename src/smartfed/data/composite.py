@@ -4,12 +4,20 @@ Two kinds of task, all registered in the task registry:
 
 * skills, each learnt by one adapter of the example pool (``smartfed zoo build``):
   ``math`` (``"What is 23 + 45?"`` → ``"68"``), ``json_format`` (questions
-  about words and numbers answered as ``{"answer": ...}``, no arithmetic) and
-  ``spanish`` (the same questions asked and answered in Spanish);
+  about words and numbers answered as ``{"answer": ...}``, no arithmetic),
+  ``spanish`` (the same questions asked and answered in Spanish) and ``code``
+  (the same questions answered as a Python function in one fixed form,
+  ``"def solve():\n    return 5"``, no arithmetic);
 * compositions, which need two skills at once and are never trained by any
   adapter: ``json_math`` (``"What is 23 + 45? Answer in JSON."`` →
-  ``{"answer": 68}``, the default) and ``spanish_math``
-  (``"¿Cuánto es 23 más 45?"`` → ``"68"``).
+  ``{"answer": 68}``, the default), ``spanish_math``
+  (``"¿Cuánto es 23 más 45?"`` → ``"68"``) and ``code_math``
+  (``"Write solve() for: What is 23 + 45?"`` → ``"def solve():\n    return 68"``).
+
+``code`` and ``code_math`` are scored by running the answer: the metric
+``program_value`` (``smartfed.eval.solve``) calls the predicted ``solve()`` in
+the sandbox and compares what it returns with the reference's value, so
+``return 23 + 45`` is right too.
 
 Every arithmetic problem (a, op, b) belongs to exactly one shard by a hash of
 the problem: the math skill trains on the ``skill`` shard, composite training
@@ -40,6 +48,7 @@ OPS: dict[str, str] = {"+": "más", "-": "menos", "*": "por"}
 """Arithmetic operations and their Spanish words; the label is the index in this order."""
 
 JSON_SUFFIX = " Answer in JSON."
+CODE_PREFIX = "Write solve() for: "
 
 WORDS_EN: tuple[str, ...] = (
     "apple", "river", "house", "garden", "window", "pencil", "orange", "yellow", "mountain", "table",
@@ -93,7 +102,15 @@ def _sample(items: list[Any], count: int, seed: int, what: str) -> list[Any]:
     return random.Random(seed).sample(items, count)
 
 
-def _arith_record(problem: tuple[int, str, int], style: Literal["math", "json_math", "spanish_math"]) -> dict:
+ArithStyle = Literal["math", "json_math", "spanish_math", "code_math"]
+
+
+def solve_program(value: object) -> str:
+    """The code skill's answer form: ``def solve():`` returning ``value`` as a Python literal (``repr``)."""
+    return f"def solve():\n    return {value!r}"
+
+
+def _arith_record(problem: tuple[int, str, int], style: ArithStyle) -> dict:
     a, op, b = problem
     result = _solve(a, op, b)
     if style == "spanish_math":
@@ -103,10 +120,12 @@ def _arith_record(problem: tuple[int, str, int], style: Literal["math", "json_ma
         answer = str(result)
         if style == "json_math":
             question, answer = question + JSON_SUFFIX, json.dumps({"answer": result})
+        elif style == "code_math":
+            question, answer = CODE_PREFIX + question, solve_program(result)
     return {"question": question, "answer": answer, "label": list(OPS).index(op)}
 
 
-def _arith_split(style: Literal["math", "json_math", "spanish_math"]) -> Callable[[int, int, int], tuple]:
+def _arith_split(style: ArithStyle) -> Callable[[int, int, int], tuple]:
     """Train items from the skill (math) or composite shard by ``seed``; test items fixed."""
 
     def split(seed: int, num_train: int, num_test: int) -> tuple[Dataset, Dataset]:
@@ -162,12 +181,14 @@ def _word_questions(rng: random.Random) -> Iterator[Question]:
             yield f"Which number is larger, {x} or {y}?", f"¿Qué número es mayor, {x} o {y}?", (max(x, y),) * 2, kind
 
 
-def _word_split(style: Literal["json_format", "spanish"]) -> Callable[[int, int, int], tuple]:
+def _word_split(style: Literal["json_format", "spanish", "code"]) -> Callable[[int, int, int], tuple]:
     def records(count: int, rng: random.Random, exclude: set[str]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for en, es, (value_en, value_es), kind in _word_questions(rng):
             if style == "json_format":
                 record = {"question": en + JSON_SUFFIX, "answer": json.dumps({"answer": value_en}), "label": kind}
+            elif style == "code":
+                record = {"question": CODE_PREFIX + en, "answer": solve_program(value_en), "label": kind}
             else:
                 record = {"question": es, "answer": str(value_es), "label": kind}
             if record["question"] not in exclude:
@@ -216,6 +237,12 @@ _register(
 )
 _register("spanish", "exact_match", _word_split("spanish"), "Skill: the same word questions asked in Spanish.")
 _register(
+    "code",
+    "program_value",
+    _word_split("code"),
+    "Skill: the same word questions answered as 'def solve(): return <literal>', run in the sandbox; no arithmetic.",
+)
+_register(
     "json_math",
     "json_answer",
     _arith_split("json_math"),
@@ -227,9 +254,20 @@ _register(
     _arith_split("spanish_math"),
     "Composite: '¿Cuánto es 23 más 45?' -> '68'; held-out items fixed.",
 )
+_register(
+    "code_math",
+    "program_value",
+    _arith_split("code_math"),
+    "Composite: 'Write solve() for: What is 23 + 45?' -> a solve() returning 68, run in the sandbox; "
+    "held-out items fixed.",
+)
 
-SKILLS: dict[str, str] = {"math": "math", "json": "json_format", "spanish": "spanish"}
+SKILLS: dict[str, str] = {"math": "math", "json": "json_format", "spanish": "spanish", "code": "code"}
 """Adapter name in the example pool → the skill task it is trained on."""
 
-COMPOSITES: dict[str, tuple[str, str]] = {"json_math": ("json", "math"), "spanish_math": ("spanish", "math")}
+COMPOSITES: dict[str, tuple[str, str]] = {
+    "json_math": ("json", "math"),
+    "spanish_math": ("spanish", "math"),
+    "code_math": ("code", "math"),
+}
 """Composite task → the two pool adapters whose skills it needs."""
