@@ -81,20 +81,21 @@ def _config(assets, output_dir: Path, **overrides) -> RunConfig:
 
 
 # What Ray did during ``full_run``: the inet addresses its processes listened on, and its temp folders.
-_RAY_SEEN: dict[str, set[str]] = {"listening": set(), "temp_before": set(), "temp_after": set()}
+_RAY_SEEN: dict[str, set[str]] = {"listening": set(), "temp_before": set(), "temp_during": set(), "temp_after": set()}
 
 
-def _ray_temp_folders() -> set[str]:
-    tmp = Path(tempfile.gettempdir())
+def _ray_temp_folders(tmp: Path) -> set[str]:
     return {p.name for p in tmp.glob("smartfed-ray-*")} | {p.name for p in (tmp / "ray").glob("session_*")}
 
 
-def _watch_listeners(stop: threading.Event) -> None:
-    """Poll the listening TCP sockets of this process's descendants (Ray's GCS, raylet, workers)."""
+def _watch_listeners(stop: threading.Event, tmp: Path) -> None:
+    """Poll the listening TCP sockets of this process's descendants (Ray's GCS, raylet, workers), and Ray's
+    temp folders under ``tmp`` while the run lasts."""
     import psutil
 
     me = psutil.Process()
     while not stop.wait(0.2):
+        _RAY_SEEN["temp_during"] |= _ray_temp_folders(tmp)
         for child in me.children(recursive=True):
             try:
                 for conn in child.net_connections(kind="inet"):
@@ -107,16 +108,20 @@ def _watch_listeners(stop: threading.Event) -> None:
 @pytest.fixture(scope="module")
 def full_run(assets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "full"
-    _RAY_SEEN["temp_before"] = _ray_temp_folders()
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch_listeners, args=(stop,), daemon=True)
-    watcher.start()
-    try:
-        run_simulation(_config(assets, out), progress=False)
-    finally:
-        stop.set()
-        watcher.join()
-    _RAY_SEEN["temp_after"] = _ray_temp_folders()
+    # A temp root of this run's own (short: Ray's socket paths must stay under 107 bytes), so another
+    # smartfed run on the machine cannot add or remove folders where the check looks.
+    with tempfile.TemporaryDirectory(prefix="sf-") as own_tmp, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", own_tmp)
+        _RAY_SEEN["temp_before"] = _ray_temp_folders(Path(own_tmp))
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch_listeners, args=(stop, Path(own_tmp)), daemon=True)
+        watcher.start()
+        try:
+            run_simulation(_config(assets, out), progress=False)
+        finally:
+            stop.set()
+            watcher.join()
+        _RAY_SEEN["temp_after"] = _ray_temp_folders(Path(own_tmp))
     return out
 
 
@@ -129,6 +134,7 @@ def test_ray_listens_on_loopback_only_and_leaves_no_temp_folder(full_run):
         return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
     assert all(loopback(a) for a in _RAY_SEEN["listening"]), _RAY_SEEN["listening"]
+    assert _RAY_SEEN["temp_during"] - _RAY_SEEN["temp_before"], "the run made no Ray temp folder where it was watched"
     assert _RAY_SEEN["temp_after"] <= _RAY_SEEN["temp_before"], _RAY_SEEN["temp_after"] - _RAY_SEEN["temp_before"]
 
 
