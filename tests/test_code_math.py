@@ -222,7 +222,7 @@ def test_building_one_skill_keeps_the_other_adapters_byte_for_byte(tmp_path):
             name: {"command": "smartfed zoo build --skills math,json", "task": task, "scores": {task: 0.5}}
             for name, task in (("math", "math"), ("json", "json_format"))
         },
-        "base_scores": {"math": 0.0, "json_format": 0.0},
+        "base_scores": {"math": 0.0, "json_format": 0.0, "json_math": 0.125},
     }
     (zoo / MANIFEST).write_text(json.dumps(old))
     before = {p.relative_to(zoo): p.read_bytes() for p in zoo.rglob("*") if p.is_file() and p.name != MANIFEST}
@@ -238,4 +238,16 @@ def test_building_one_skill_keeps_the_other_adapters_byte_for_byte(tmp_path):
     assert code["task"] == "code" and code["command"] == "smartfed zoo build --skills code"
     assert set(code["scores"]) == {"code", *COMPOSITES} and len(code["data_sha256"]) == 64
     assert {"code", "code_math", "math"} <= set(written["base_scores"])
+    assert written["base_scores"]["json_math"] != 0.125  # another base: scored again
     assert (zoo / "code" / "adapter_model.safetensors").is_file()
+
+
+def test_an_earlier_base_score_is_reused_only_for_the_same_items():
+    from smartfed.zoo import ZooConfig, _same_scoring
+
+    config = ZooConfig(skills="code")
+    earlier = {"base_model": "smollm2-135m", "num_test": 100, "seed": 0, "skills": "spanish", "steps": 7}
+    assert _same_scoring(earlier, config)
+    assert not _same_scoring({**earlier, "num_test": 50}, config)
+    assert not _same_scoring({**earlier, "base_model": "other"}, config)
+    assert not _same_scoring(None, config)

@@ -132,6 +132,15 @@ def _score(model: Any, tokenizer: Any, task_name: str, config: ZooConfig) -> flo
         return float(evaluate_task(model, tokenizer, task, test, max_new_tokens=16, batch_size=32)["score"])
 
 
+SCORING_FIELDS = ("base_model", "num_test", "seed")
+"""What a base score depends on: an earlier build with the same values scored the base on the same items."""
+
+
+def _same_scoring(previous: Any, config: ZooConfig) -> bool:
+    """True when an earlier build's ``config`` scored the base as ``config`` would (its scores can be reused)."""
+    return isinstance(previous, dict) and all(previous.get(f) == getattr(config, f) for f in SCORING_FIELDS)
+
+
 def _file_hashes(folder: Path) -> dict[str, str]:
     return {p.name: _sha256_bytes(p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -141,6 +150,10 @@ def build_zoo(config: ZooConfig, out_dir: str | os.PathLike[str], *, command: st
 
     Each adapter folder is written to a temp folder and renamed into place, and
     the manifest last, so an interrupted build leaves the old zoo or a whole new one.
+    Into an existing zoo, the adapters not built keep their folders and manifest
+    entries; the base's scores of the earlier build are kept where its base
+    model, ``num_test`` and seed are this build's (the same items), and the base
+    is scored only on the tasks it has no score for.
     """
     from .models import load_model_and_tokenizer
 
@@ -153,18 +166,22 @@ def build_zoo(config: ZooConfig, out_dir: str | os.PathLike[str], *, command: st
         "adapters": {},
     }
     previous_base_scores: dict[str, float] = {}
+    reusable: dict[str, float] = {}
     if (out / MANIFEST).is_file():  # rebuilding some skills keeps the others' records, each with its own command
         previous = read_manifest(out)
         previous_base_scores = previous.get("base_scores", {})
+        if _same_scoring(previous.get("config"), config):
+            reusable = previous_base_scores
         manifest["adapters"] = {
             k: {"command": previous.get("command"), "config": previous.get("config"), **v}
             for k, v in previous["adapters"].items()
             if k not in config.skill_list()
         }
     base, tokenizer = load_model_and_tokenizer(config.base_model)
+    base_tasks = [*(SKILLS[s] for s in config.skill_list()), *COMPOSITES]
     manifest["base_scores"] = {
         **previous_base_scores,
-        **{t: _score(base, tokenizer, t, config) for t in [*(SKILLS[s] for s in config.skill_list()), *COMPOSITES]},
+        **{t: reusable[t] if t in reusable else _score(base, tokenizer, t, config) for t in base_tasks},
     }
     for skill in config.skill_list():
         started = time.monotonic()
