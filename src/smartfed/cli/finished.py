@@ -1,7 +1,9 @@
 """Using a finished run: ``generate``, ``eval``, ``export``.
 
-The work is done in ``smartfed.serving`` (``inference``, ``evaluate``, ``export``);
-these commands parse the options, call it and print what it did.
+The work is done in ``smartfed.serving`` (``inference``, ``evaluate``, ``export``,
+``distill``); these commands parse the options, call it and print what it did.
+``export`` takes one ``--distill_<field>`` option per field of ``DistillConfig``
+(``cli.options``, ``overrides=True``: only the options given are passed on).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..serving.distill import DistillConfig
 from .common import (
     DebugOpt,
     DeviceOpt,
@@ -26,6 +29,7 @@ from .common import (
     error_exit,
     load_run,
 )
+from .options import add_dataclass_options
 
 
 def generate_command(
@@ -123,6 +127,14 @@ def export_command(
     ] = None,
     no_eval: Annotated[bool, typer.Option("--no_eval", help="Only write the adapter; do not score it.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder.")] = False,
+    distill: Annotated[
+        bool,
+        typer.Option(
+            "--distill",
+            help="Train the SVD export to match the routed model on the run's training prompts "
+            "(the --distill_* options; defaults measured in results/export).",
+        ),
+    ] = False,
     round_: RoundOpt = None,
     pool: PoolOpt = None,
     device: DeviceOpt = "auto",
@@ -130,12 +142,14 @@ def export_command(
     load_in_4bit: Load4Opt = None,
     load_in_8bit: Load8Opt = None,
     debug: DebugOpt = False,
+    **distill_options: Any,
 ) -> None:
     """Export the routed mixture of a finished run as a static PEFT LoRA adapter of rank R, and score what it costs."""
     from ..serving.export import check_output, compare_scores, export_run, write_report
 
     if to != "peft":
         error_exit(f"--to {to!r}: the only export format is 'peft'")
+    distill_config = _distill_config(distill, distill_options, debug)
     try:  # not into a run folder, the model's folder, or over anything but an earlier export
         check_output(output, overwrite=overwrite, run_dir=run_dir)
     except (FileExistsError, ValueError) as err:
@@ -143,7 +157,13 @@ def export_command(
     loaded = load_run(run_dir, round_, pool, debug, Placement(device, dtype, load_in_4bit, load_in_8bit))
     try:
         loaded, report = export_run(
-            run_dir, output, rank=rank, calibration=calibration, overwrite=overwrite, loaded=loaded
+            run_dir,
+            output,
+            rank=rank,
+            calibration=calibration,
+            overwrite=overwrite,
+            loaded=loaded,
+            distill=distill_config,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         error_exit(err, debug)
@@ -157,20 +177,47 @@ def export_command(
         f"max {report.max_rel_error:.4f}, mean {report.mean_rel_error:.4f}; exact for {exact}/{len(report.matrices)} matrices"
         + (f"; {padded} matrices have fewer than {rank} experts (zero-padded)" if padded else "")
     )
+    if distill_config is not None:
+        d = report.info["distill"]
+        typer.echo(
+            f"distilled: {d['steps']} steps of {d['loss']} on {d['examples']} training prompts ({d['data']} answers); "
+            f"KL to the routed model {d['kl_before']:.4f} -> {d['kl_after']:.4f} ({d['seconds']:.0f} s)"
+        )
     if no_eval:
         return
-    scores = compare_scores(loaded, report.output, limit=limit, max_new_tokens=max_new_tokens)
+    start = report.start if distill_config is not None else None
+    scores = compare_scores(loaded, report.output, limit=limit, max_new_tokens=max_new_tokens, start=start)
     table = Table(title=f"held-out {loaded.config.task} ({scores['routed']['metric']})", caption="greedy, same items")
     for column in ("model", "score", "n"):
         table.add_column(column)
     labels = {
         "base": "base model (no adapter)",
         "routed": f"routed MoRE (round {loaded.round})",
-        "export": f"static PEFT LoRA r={rank}",
+        "svd": f"static PEFT LoRA r={rank} (SVD, the start)",
+        "export": f"static PEFT LoRA r={rank}" + (" (distilled)" if distill_config is not None else ""),
     }
-    for key in ("base", "routed", "export"):
+    for key in ("base", "routed", "svd", "export"):
         if key in scores:
             table.add_row(labels[key], f"{scores[key]['score']:.4f}", str(int(scores[key]["n"])))
     Console().print(table)
+    routed = scores["routed"]["score"]
+    share = f"{scores['export']['score'] / routed:.1%}" if routed > 0 else "n/a (the routed model scores 0)"
+    typer.echo(f"share of the routed score kept by the export: {share}")
     report.info["scores"] = scores
     write_report(report)
+
+
+def _distill_config(distill: bool, options: dict[str, Any], debug: bool) -> Any:
+    """The ``DistillConfig`` of ``--distill`` and the ``--distill_*`` options given (None without ``--distill``)."""
+    given = {name.removeprefix("distill_"): value for name, value in options.items() if value is not None}
+    if not distill:
+        if given:
+            error_exit(f"--distill_{next(iter(given))} needs --distill", debug)
+        return None
+    try:
+        return DistillConfig(**given)
+    except ValueError as err:
+        error_exit(err, debug)
+
+
+add_dataclass_options(export_command, DistillConfig, overrides=True, prefix="distill_", show_field_defaults=True)

@@ -28,8 +28,19 @@ import typer
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-def dataclass_options(cls: type, *, overrides: bool = False, exclude: Collection[str] = ()) -> list[inspect.Parameter]:
-    """One keyword-only typer option per field of the dataclass ``cls`` (module docstring), but those in ``exclude``."""
+def dataclass_options(
+    cls: type,
+    *,
+    overrides: bool = False,
+    exclude: Collection[str] = (),
+    prefix: str = "",
+    show_field_defaults: bool = False,
+) -> list[inspect.Parameter]:
+    """One keyword-only typer option per field of the dataclass ``cls`` (module docstring), but those in ``exclude``.
+
+    ``prefix`` goes before each option's and parameter's name (``--distill_steps`` for ``steps``);
+    ``show_field_defaults`` shows the field's default in the help of an ``overrides`` option.
+    """
     if not is_dataclass(cls):
         raise TypeError(f"dataclass_options: {cls!r} is not a dataclass")
     params = []
@@ -38,14 +49,16 @@ def dataclass_options(cls: type, *, overrides: bool = False, exclude: Collection
         if f.name in exclude:
             continue
         kind = _option_kind(f, hints.get(f.name))
+        name = prefix + f.name
         if overrides:
-            names = [f"--{f.name}/--no_{f.name}"] if kind is bool else [f"--{f.name}"]
-            option = typer.Option(None, *names, help=f.metadata.get("help", ""), show_default=False)
+            names = [f"--{name}/--no_{name}"] if kind is bool else [f"--{name}"]
+            text = f.metadata.get("help", "") + (f" (default: {f.default})" if show_field_defaults else "")
+            option = typer.Option(None, *names, help=text, show_default=False)
             annotation: Any = Optional[kind]  # a runtime type: typer reads it
         else:
-            option = typer.Option(f.default, f"--{f.name}", help=f.metadata.get("help", ""))
+            option = typer.Option(f.default, f"--{name}", help=f.metadata.get("help", ""))
             annotation = kind if f.default is not None else Optional[kind]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 
 
@@ -60,7 +73,13 @@ def _option_kind(f: Field, hint: Any) -> type:
 
 
 def add_dataclass_options(
-    command: Command, cls: type, *, overrides: bool = False, exclude: Collection[str] = ()
+    command: Command,
+    cls: type,
+    *,
+    overrides: bool = False,
+    exclude: Collection[str] = (),
+    prefix: str = "",
+    show_field_defaults: bool = False,
 ) -> Command:
     """Replace the ``**values`` of ``command``'s signature by ``dataclass_options(cls, ...)``; returns ``command``.
 
@@ -70,6 +89,8 @@ def add_dataclass_options(
     base = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     if len(base) == len(own.parameters):
         raise TypeError(f"add_dataclass_options: {command.__name__} takes no **values to hold the options")
-    options = dataclass_options(cls, overrides=overrides, exclude=exclude)
+    options = dataclass_options(
+        cls, overrides=overrides, exclude=exclude, prefix=prefix, show_field_defaults=show_field_defaults
+    )
     command.__signature__ = own.replace(parameters=base + options)  # type: ignore[attr-defined]
     return command

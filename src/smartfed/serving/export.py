@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,7 @@ class ExportReport:
     rank: int
     matrices: list[MatrixExport]
     info: dict[str, Any] = field(default_factory=dict)
+    start: dict[str, LowRank] | None = field(default=None, repr=False)  # the SVD factors (not written)
 
     @property
     def max_rel_error(self) -> float:
@@ -286,29 +287,10 @@ def check_output_parent(output: Path) -> None:
         raise PermissionError(f"export output {output}: the folder {ancestor} is not writable")
 
 
-def export_peft(
-    model: MoreModel,
-    output: str | os.PathLike,
-    *,
-    rank: int,
-    gates: dict[str, torch.Tensor],
-    overwrite: bool = False,
-    info: dict[str, Any] | None = None,
-) -> ExportReport:
-    """Write the static rank-``rank`` PEFT LoRA adapter of ``model`` under gates ``gates`` into ``output``.
-
-    ``gates``: ḡ per MoRE matrix, e.g. from ``mean_gates``. The adapter targets
-    exactly the MoRE matrices, with ``r = lora_alpha = rank``. ``output`` is
-    written whole or not at all (temporary folder, then rename); an existing
-    non-empty ``output`` is refused unless ``overwrite``.
-    """
+def static_peft_model(model: MoreModel, factors: dict[str, LowRank], rank: int) -> nn.Module:
+    """A PEFT LoRA (``r = lora_alpha = rank``, exactly the MoRE matrices) on a copy of the base, holding ``factors``."""
     from peft import LoraConfig, get_peft_model
 
-    output = Path(output).expanduser()
-    _prepare_output(output, overwrite)
-    check_rank(model, rank)
-    factors = static_factors(model, gates, rank)
-    base = base_model_copy(model)
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -319,12 +301,25 @@ def export_peft(
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", **_QUIET)
-        peft_model = get_peft_model(base, lora_config)
-    with torch.no_grad():
-        for name, lr in factors.items():
-            layer = peft_model.base_model.model.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(lr.A)
-            layer.lora_B["default"].weight.copy_(lr.B)
+        peft_model = get_peft_model(base_model_copy(model), lora_config)
+    set_lora_factors(peft_model, factors)
+    return peft_model
+
+
+@torch.no_grad()
+def set_lora_factors(peft_model: nn.Module, factors: dict[str, LowRank]) -> None:
+    """Copy ``factors`` into the active LoRA adapter of ``peft_model`` (module names as in the MoRE model)."""
+    inner = peft_model.base_model.model
+    for name, lr in factors.items():
+        layer = inner.get_submodule(name)
+        adapter = layer.active_adapters[0]
+        layer.lora_A[adapter].weight.copy_(lr.A)
+        layer.lora_B[adapter].weight.copy_(lr.B)
+
+
+def _matrix_exports(
+    model: MoreModel, factors: dict[str, LowRank], gates: dict[str, torch.Tensor], rank: int
+) -> list[MatrixExport]:
     tol = torch.finfo(torch.float32).eps
     matrices = []
     for name, lr in factors.items():
@@ -341,7 +336,39 @@ def export_peft(
                 mean_gate=float(gates[name].float().mean()),
             )
         )
-    report = ExportReport(output=output, rank=rank, matrices=matrices, info=dict(info or {}))
+    return matrices
+
+
+def export_peft(
+    model: MoreModel,
+    output: str | os.PathLike,
+    *,
+    rank: int,
+    gates: dict[str, torch.Tensor],
+    overwrite: bool = False,
+    info: dict[str, Any] | None = None,
+    tune: Callable[[nn.Module], dict[str, Any]] | None = None,
+) -> ExportReport:
+    """Write the static rank-``rank`` PEFT LoRA adapter of ``model`` under gates ``gates`` into ``output``.
+
+    ``gates``: ḡ per MoRE matrix, e.g. from ``mean_gates``. The adapter targets
+    exactly the MoRE matrices, with ``r = lora_alpha = rank``. ``tune``, when given,
+    is called on the PEFT model holding the SVD factors before it is saved (e.g.
+    ``smartfed.serving.distill.distill``); what it returns is recorded in the report
+    under ``"distill"``. ``output`` is written whole or not at all (temporary folder,
+    then rename); an existing non-empty ``output`` is refused unless ``overwrite``.
+    """
+    output = Path(output).expanduser()
+    _prepare_output(output, overwrite)
+    check_rank(model, rank)
+    factors = static_factors(model, gates, rank)
+    peft_model = static_peft_model(model, factors, rank)
+    report = ExportReport(
+        output=output, rank=rank, matrices=_matrix_exports(model, factors, gates, rank), info=dict(info or {})
+    )
+    report.start = factors
+    if tune is not None:
+        report.info["distill"] = tune(peft_model)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling_temp_dir(output)
     try:
@@ -371,17 +398,23 @@ def export_run(
     pool: Any = None,
     overwrite: bool = False,
     loaded: Any = None,
+    distill: Any = None,
 ) -> tuple[Any, ExportReport]:
     """``smartfed.load(run_dir)``, ḡ over the first ``calibration`` training examples of the run's task, export.
 
+    ``distill`` (a ``smartfed.serving.distill.DistillConfig``): train the SVD export to
+    match the routed model on the run's training prompts before it is written.
     Returns ``(loaded, report)``; ``loaded`` (a ``smartfed.serving.inference.Loaded``) can
     be passed back in to skip loading.
     """
     from ..data import load_task
+    from .distill import DistillConfig
     from .inference import load
 
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise ValueError(f"calibration={calibration!r} must be a positive int")
+    if distill is not None and not isinstance(distill, DistillConfig):
+        raise TypeError(f"distill must be a DistillConfig or None, got {type(distill).__name__}")
     _prepare_output(Path(output).expanduser(), overwrite, run_dir)  # fail before the slow part
     if loaded is None:
         loaded = load(run_dir, checkpoint=checkpoint, pool=pool)
@@ -401,7 +434,28 @@ def export_run(
         "calibration_task": config.task,
         "quotas": loaded.quotas,
     }
-    return loaded, export_peft(loaded.model, output, rank=rank, gates=gates, overwrite=overwrite, info=info)
+    tune = None if distill is None else _distiller(loaded, train, distill)
+    return loaded, export_peft(loaded.model, output, rank=rank, gates=gates, overwrite=overwrite, info=info, tune=tune)
+
+
+def _distiller(loaded: Any, train: Any, config: Any) -> Callable[[nn.Module], dict[str, Any]]:
+    """The ``tune`` of ``export_peft`` that distils the routed model of ``loaded`` on ``train``'s prompts."""
+    from ..eval import generate_answers
+    from .distill import distill
+
+    run = loaded.config
+    rows = train.select(range(len(train) if config.examples == 0 else min(config.examples, len(train))))
+    prompts = list(rows["prompt"])
+
+    def tune(student: nn.Module) -> dict[str, Any]:
+        if config.data == "generated":  # what the routed model writes: the tokens it will be served on
+            answers = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=run.max_new_tokens)
+        else:
+            answers = list(rows["answer"])
+        result = distill(student, loaded.model, loaded.tokenizer, prompts, answers, config, max_length=run.max_length)
+        return {**result.to_dict(), "task": run.task, "max_length": run.max_length}
+
+    return tune
 
 
 def compare_scores(
@@ -412,11 +466,14 @@ def compare_scores(
     max_new_tokens: int | None = None,
     batch_size: int = 16,
     include_base: bool = True,
+    start: dict[str, LowRank] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score the routed model, the exported adapter (and the bare base) on the run's held-out items.
 
     Returns ``{"routed": {"score", "n"}, "export": {...}, "base": {...}}`` with the
     task's metric; the same items, greedy, ``max_new_tokens`` (default: the run's).
+    ``start``: the SVD factors a distilled export started from (``ExportReport.start``),
+    scored too, as ``"svd"``, in the loaded adapter's place.
     """
     from peft import PeftModel
 
@@ -435,4 +492,7 @@ def compare_scores(
     if include_base:
         with exported.disable_adapter():
             scores["base"] = evaluate_task(exported, loaded.tokenizer, task, test, **kwargs)
+    if start is not None:
+        set_lora_factors(exported, start)
+        scores["svd"] = evaluate_task(exported, loaded.tokenizer, task, test, **kwargs)
     return {name: {**s, "metric": task.metric} for name, s in scores.items()}
