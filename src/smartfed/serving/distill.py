@@ -58,7 +58,8 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> None:
 class DistillConfig:
     """How the static export is trained to match the routed model (module docstring).
 
-    The defaults were chosen on json_math at R = 16 (results/export/README.md).
+    The defaults are a starting point not yet confirmed by measurement; results/export/README.md
+    records what was measured on json_math at R = 16 (the routed run of the default benchmark, seed 0).
     """
 
     steps: int = field(default=60, metadata={"help": "Distillation steps (AdamW) from the SVD export."})
