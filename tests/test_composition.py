@@ -60,8 +60,8 @@ def test_summary_and_table_from_synthetic_results():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="composite='code_math'"):
-        CompositionConfig(composite="code_math")
+    with pytest.raises(ValueError, match="composite='french_math'"):
+        CompositionConfig(composite="french_math")
     with pytest.raises(ValueError, match="seeds='a'"):
         CompositionConfig(seeds="a")
     with pytest.raises(ValueError, match="num_rounds=0"):
